@@ -1,0 +1,85 @@
+"""Tree attention for unmodified transformers models, registered as attention implementation
+"sparrow".
+
+The model's attention layers call `sparrow_attention` with the cache already holding the new
+tokens at its end. Three cases, all without copying the KV cache:
+
+* prefill of a fresh cache (queries == keys): causal SDPA with native GQA;
+* one new token (AR decode step): it sees the whole cache, no mask;
+* q new tokens over a cached prefix (tree verification, or a prompt appended to a cached
+  video): the prefix is fully visible and the new tokens see each other through a (q, q)
+  mask. Query heads that share a KV head are packed into the query-length axis (GQA packing),
+  so the grouped keys/values are read once instead of being repeated per head, and the mask
+  is the prebuilt `sparrow_mask` argument (one per forward, shared by every layer).
+
+The mask rides through the model as a keyword argument (`model(..., sparrow_mask=mask)`), which
+transformers forwards untouched to every attention call: no state is stored on the model.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface
+
+ATTENTION_NAME = "sparrow"
+
+
+def build_attention_mask(
+    visible: torch.Tensor, cache_length: int, groups: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """The additive mask for the q newest cache positions (the last q of `cache_length`).
+
+    visible: (q, m) bool over the last m cache positions (m >= q; the last q columns are the
+    new tokens themselves): True where new token i may attend to that position. Every
+    position before those m is visible to all. Returns (1, 1, groups * q, cache_length): 0
+    where visible, the dtype's minimum elsewhere, rows tiled once per query head of a KV
+    group (the GQA-packed row order of `sparrow_attention`).
+    """
+    q, m = visible.shape
+    mask = torch.zeros(groups * q, cache_length, dtype=dtype, device=visible.device)
+    block = torch.zeros(q, m, dtype=dtype, device=visible.device)
+    block.masked_fill_(~visible, torch.finfo(dtype).min)
+    mask[:, cache_length - m :] = block.repeat(groups, 1)
+    return mask[None, None]
+
+
+def sparrow_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,  # (B, H, q, D)
+    key: torch.Tensor,  # (B, H_kv, T, D), the last q positions are the new tokens
+    value: torch.Tensor,  # (B, H_kv, T, D)
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    sparrow_mask: torch.Tensor | None = None,  # (1, 1, G*q, T) from build_attention_mask
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    batch, heads, q_len, head_dim = query.shape
+    kv_heads, kv_len = key.shape[1], key.shape[2]
+    groups = heads // kv_heads
+    if sparrow_mask is None and q_len > 1:
+        if q_len != kv_len:
+            raise RuntimeError(
+                "sparrow attention: several new tokens over a cached prefix need `sparrow_mask`"
+            )
+        out = F.scaled_dot_product_attention(
+            query, key, value, is_causal=True, scale=scaling, enable_gqa=groups > 1
+        )  # (B, H, q, D)
+        return out.transpose(1, 2), None
+    packed = query.reshape(batch, kv_heads, groups * q_len, head_dim)  # (B, H_kv, G*q, D)
+    out = F.scaled_dot_product_attention(packed, key, value, attn_mask=sparrow_mask, scale=scaling)
+    return out.reshape(batch, heads, q_len, head_dim).transpose(1, 2), None  # (B, q, H, D)
+
+
+def _no_mask(*args, **kwargs) -> None:
+    """Causality is handled inside `sparrow_attention`; transformers builds no mask for it."""
+    return None
+
+
+def register() -> str:
+    """Register the attention function and its (empty) mask builder; returns the name."""
+    AttentionInterface.register(ATTENTION_NAME, sparrow_attention)
+    AttentionMaskInterface.register(ATTENTION_NAME, _no_mask)
+    return ATTENTION_NAME

@@ -1,0 +1,69 @@
+"""Target adapters: load a video LLM checkpoint (or wrap a model in memory) for decoding."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedModel
+
+from sparrow.errors import CheckpointError
+from sparrow.targets.base import PrefillOutput, StepOutput, TargetAdapter, read_processor_config
+from sparrow.targets.llava import LlavaAdapter
+from sparrow.targets.qwen_vl import QwenVLAdapter
+
+ADAPTERS: dict[str, type[TargetAdapter]] = {
+    "qwen2_vl": QwenVLAdapter,
+    "qwen2_5_vl": QwenVLAdapter,
+    "qwen3_vl": QwenVLAdapter,
+    "llava_onevision": LlavaAdapter,
+    "llava_next_video": LlavaAdapter,
+}
+
+__all__ = ["ADAPTERS", "PrefillOutput", "StepOutput", "TargetAdapter", "load_target", "wrap_model"]
+
+
+def wrap_model(model: PreTrainedModel, tokenizer=None, processor_config: dict | None = None,
+               name: str | None = None) -> TargetAdapter:
+    """Wrap a video LLM already in memory."""
+    model_type = model.config.model_type
+    if model_type not in ADAPTERS:
+        raise CheckpointError(
+            f"model type {model_type!r} is not supported; supported: {', '.join(ADAPTERS)}"
+        )
+    return ADAPTERS[model_type](model, tokenizer, processor_config, name=name)
+
+
+def load_target(spec: str | Path, dtype: torch.dtype = torch.float32,
+                device: str | torch.device = "cpu") -> TargetAdapter:
+    """Load a target: a checkpoint directory, or `tiny:<family>` (a tiny random model, seed 0)."""
+    spec = str(spec)
+    if spec.startswith("tiny:"):
+        from sparrow import testing
+
+        family = spec.split(":", 1)[1]
+        if family not in testing.FAMILIES:
+            raise CheckpointError(
+                f"--target {spec}: unknown tiny family; choose one of "
+                + ", ".join(f"tiny:{f}" for f in testing.FAMILIES)
+            )
+        model = testing.tiny_model(family).to(device=device, dtype=dtype)
+        return wrap_model(model, testing.tiny_tokenizer(family), testing.processor_config(family),
+                          name=spec)
+    directory = Path(spec)
+    if not (directory / "config.json").is_file():
+        raise CheckpointError(
+            f"--target {spec}: no config.json there; give a Hugging Face checkpoint directory "
+            "or tiny:<family>"
+        )
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(directory)
+    if config.model_type not in ADAPTERS:
+        raise CheckpointError(
+            f"--target {spec}: model type {config.model_type!r} is not supported; "
+            f"supported: {', '.join(ADAPTERS)}"
+        )
+    model = AutoModelForImageTextToText.from_pretrained(directory, dtype=dtype).to(device)
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    return wrap_model(model, tokenizer, read_processor_config(directory), name=str(directory))

@@ -1,0 +1,240 @@
+"""The target adapter: one object per loaded video LLM, over the UNMODIFIED transformers model.
+
+An adapter owns everything about the target that the decoding loop must not know: how the
+model wants its video inputs, its position scheme (1-D RoPE or Qwen's M-RoPE), its KV cache
+(preallocated, in place) and which positions are visual. The loop sees four operations:
+
+    prefill(input_ids, video)        -> PrefillOutput   (fills the cache with the prompt)
+    forward(tokens, depths, mask)    -> StepOutput      (appends q tokens: AR step or tree)
+    keep(offsets)                    -> None            (keep the accepted path of the last forward)
+    truncate(length)                 -> None            (roll the cache back)
+
+Positions of appended tokens are `next_position + depth`, where `next_position` is the
+rotary position the next committed token takes (cache length for 1-D RoPE, cache length +
+rope_deltas for M-RoPE). Hidden states returned are the last hidden state after the final
+norm: the feature that feeds lm_head, which is what the draft consumes.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from transformers import PreTrainedModel
+
+from sparrow.decoding.attention import build_attention_mask, register
+from sparrow.decoding.cache import StaticKVCache
+from sparrow.errors import CheckpointError
+
+if TYPE_CHECKING:
+    from sparrow.video.processing import VideoInputs
+
+
+@dataclass
+class PrefillOutput:
+    logits: torch.Tensor  # (V,) float32: next-token logits after the prompt
+    hidden: torch.Tensor  # (L, d): last hidden state at every prompt position
+    visual_mask: torch.Tensor  # (L,) bool: True at visual-token positions
+    input_ids: torch.Tensor  # (L,) int64: the prompt, placeholders included
+    mid_hidden: torch.Tensor | None = None  # (L, d): output of layer `mid_layer`, if asked
+
+
+@dataclass
+class StepOutput:
+    logits: torch.Tensor  # (q, V) float32
+    hidden: torch.Tensor  # (q, d)
+
+
+class TargetAdapter:
+    """Base adapter. Subclasses say how the family builds prompt positions and video inputs."""
+
+    family: str = ""
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer=None,
+        processor_config: dict | None = None,
+        name: str | None = None,
+    ):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.processor_config = processor_config
+        self.name = name or getattr(model.config, "_name_or_path", "") or model.config.model_type
+        self.config = model.config
+        self.text_config = model.config.get_text_config()
+        # Route only the language model's attention through the tree-aware kernel; the vision
+        # tower keeps its own implementation.
+        self.text_config._attn_implementation = register()
+        self.num_layers: int = self.text_config.num_hidden_layers
+        self.hidden_size: int = self.text_config.hidden_size
+        self.vocab_size: int = self.text_config.vocab_size
+        self.kv_groups: int = (
+            self.text_config.num_attention_heads // self.text_config.num_key_value_heads
+        )
+        self.cache: StaticKVCache | None = None
+        self.position_offset = 0  # rotary position of cache slot i is i + position_offset
+
+    # ---- family hooks -------------------------------------------------------------------
+    def video_token_id(self) -> int:
+        raise NotImplementedError
+
+    def _prompt_positions(
+        self, input_ids: torch.Tensor, video: VideoInputs | None
+    ) -> tuple[torch.Tensor, int]:
+        """Positions of the prompt ((1, L) or (3, 1, L)) and the offset of later text tokens."""
+        raise NotImplementedError
+
+    def _prefill_kwargs(self, input_ids: torch.Tensor, video: VideoInputs | None) -> dict:
+        return {} if video is None else video.model_kwargs()
+
+    # ---- properties ---------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+    @property
+    def cache_length(self) -> int:
+        return 0 if self.cache is None else self.cache.length
+
+    @property
+    def next_position(self) -> int:
+        return self.cache_length + self.position_offset
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        ids = self.model.generation_config.eos_token_id
+        if ids is None:
+            ids = self.text_config.eos_token_id
+        if ids is None:
+            return []
+        return [ids] if isinstance(ids, int) else list(ids)
+
+    def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings of the target (frozen; the draft shares them)."""
+        return self.model.get_input_embeddings()(token_ids)
+
+    def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits from last hidden states (the draft shares the target's head)."""
+        return self.model.get_output_embeddings()(hidden)
+
+    # ---- operations ---------------------------------------------------------------------
+    @torch.no_grad()
+    def prefill(
+        self,
+        input_ids: torch.Tensor,
+        video: VideoInputs | None = None,
+        capacity: int = 0,
+        mid_layer: int | None = None,
+    ) -> PrefillOutput:
+        """Run the prompt (with its video) through the target into a fresh cache.
+
+        input_ids: (1, L) or (L,). `capacity` extra cache slots are reserved for generated and
+        tree tokens. `mid_layer` m asks for the hidden state after m decoder layers (training).
+        """
+        input_ids = input_ids.reshape(1, -1).to(self.device)
+        length = input_ids.shape[1]
+        self.cache = StaticKVCache(self.num_layers, length + capacity)
+        position_ids, self.position_offset = self._prompt_positions(input_ids, video)
+        mid: dict[str, torch.Tensor] = {}
+        handle = None
+        if mid_layer is not None:
+            if not 0 <= mid_layer <= self.num_layers:
+                raise ValueError(f"mid_layer must be in [0, {self.num_layers}], got {mid_layer}")
+            handle = self._capture_layer_output(mid_layer, mid)
+        try:
+            out = self.model.model(
+                input_ids=input_ids,
+                position_ids=position_ids.to(self.device),
+                cache=self.cache,
+                use_cache=True,
+                **self._prefill_kwargs(input_ids, video),
+            )
+        finally:
+            if handle is not None:
+                handle.remove()
+        hidden = out.last_hidden_state[0]  # (L, d)
+        logits = self.lm_head(hidden[-1:]).float()[0]  # (V,)
+        video_id = self.video_token_id()
+        return PrefillOutput(
+            logits=logits,
+            hidden=hidden,
+            visual_mask=(input_ids[0] == video_id),
+            input_ids=input_ids[0],
+            mid_hidden=mid.get("hidden"),
+        )
+
+    def _capture_layer_output(self, mid_layer: int, store: dict):
+        """Record the hidden state after `mid_layer` decoder layers (0 = the embeddings)."""
+        layers = self.model.model.language_model.layers
+        if mid_layer == 0:
+            def hook(module, args, kwargs, output):
+                store["hidden"] = (kwargs.get("hidden_states", args[0] if args else None))[0]
+            return layers[0].register_forward_hook(hook, with_kwargs=True)
+
+        def hook_out(module, args, kwargs, output):
+            tensor = output[0] if isinstance(output, tuple) else output
+            store["hidden"] = tensor[0]
+        return layers[mid_layer - 1].register_forward_hook(hook_out, with_kwargs=True)
+
+    @torch.no_grad()
+    def forward(
+        self,
+        token_ids: torch.Tensor,
+        depths: torch.Tensor | None = None,
+        tree_mask: torch.Tensor | None = None,
+    ) -> StepOutput:
+        """Append q tokens after the cache and return their logits and hidden states.
+
+        token_ids: (q,). depths: (q,) position of each token relative to `next_position`
+        (default 0..q-1, a chain). tree_mask: (q, q) bool, True where token i may see token j
+        (default causal). The cache keeps all q; call `keep` to retain the accepted path.
+        """
+        if self.cache is None:
+            raise RuntimeError("prefill() must run before forward()")
+        q = token_ids.shape[0]
+        if depths is None:
+            depths = torch.arange(q)
+        positions = (depths.to(self.device) + self.next_position)[None]  # (1, q)
+        sparrow_mask = None
+        if q > 1:
+            if tree_mask is None:
+                tree_mask = torch.ones(q, q, dtype=torch.bool).tril()
+            sparrow_mask = build_attention_mask(
+                tree_mask.to(self.device), self.cache_length + q, self.kv_groups, self.dtype
+            )
+        out = self.model.model(
+            input_ids=token_ids.reshape(1, q).to(self.device),
+            position_ids=positions,
+            cache=self.cache,
+            use_cache=True,
+            sparrow_mask=sparrow_mask,
+        )
+        hidden = out.last_hidden_state[0]  # (q, d)
+        return StepOutput(logits=self.lm_head(hidden).float(), hidden=hidden)
+
+    def keep(self, start: int, offsets: torch.Tensor) -> None:
+        """Keep cache positions `start + offsets` (the accepted path) and drop the others."""
+        self.cache.keep(start, offsets)
+
+    def truncate(self, length: int) -> None:
+        self.cache.truncate(length)
+
+
+def read_processor_config(directory: Path) -> dict | None:
+    """The checkpoint's preprocessing settings (video processor first), if it ships any."""
+    for name in ("video_preprocessor_config.json", "preprocessor_config.json"):
+        path = directory / name
+        if path.is_file():
+            try:
+                return json.loads(path.read_text())
+            except json.JSONDecodeError as error:
+                raise CheckpointError(f"{path}: not valid JSON ({error}); fix or remove it") from error
+    return None

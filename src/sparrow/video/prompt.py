@@ -1,0 +1,135 @@
+"""Build the input ids of a video question, with the placeholder tokens the model fills.
+
+The chat template renders a video as the family's single placeholder ("<|vision_start|>
+<|video_pad|><|vision_end|>" for Qwen-VL, "<video>" for LLaVA); the processor then expands the
+placeholder token to one token per visual feature. We do the same on token ids:
+
+- Qwen2-VL / Qwen2.5-VL / LLaVA: the placeholder id becomes `num_visual_tokens` copies.
+- Qwen3-VL: the placeholder id becomes, for each temporal patch group g,
+  `"<{t_g:.1f} seconds>" <|vision_start|> <|video_pad|> * tokens_per_group <|vision_end|>`,
+  t_g the mean time of the group's first and last frame (Qwen3VLProcessor.replace_video_token
+  and _calculate_timestamps). As in transformers 5.x only the pad token is replaced, so the
+  template's own vision_start / vision_end still wrap the whole video.
+
+Splicing ids instead of strings gives the same ids as the reference: special tokens split the
+text before the tokenizer's model runs, so a timestamp between two of them tokenizes alone.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sparrow.errors import ConfigError
+from sparrow.video.processing import QWEN_FAMILIES, VideoInputs, model_family
+
+TEXT_TOKEN_TYPE = 0
+VIDEO_TOKEN_TYPE = 2
+
+
+def video_token_id(model_config) -> int:
+    """The id of the token the model replaces with video features."""
+    for name in ("video_token_id", "video_token_index"):
+        value = getattr(model_config, name, None)
+        if value is not None:
+            return int(value)
+    raise ConfigError(f"{model_config.model_type} config names no video token id; set video_token_id in config.json")
+
+
+def build_video_prompt(
+    tokenizer,
+    model_config,
+    video: VideoInputs | None,
+    question: str,
+    system: str | None = None,
+    chat_template: str | None = None,
+) -> torch.Tensor:
+    """Input ids (1, L) of one user turn (the video, then `question`) and the generation prompt.
+
+    Uses `chat_template` if given (e.g. a processor's chat_template.json), else the tokenizer's;
+    without either, a plain "placeholder\\nquestion" prompt. `video=None` gives a text-only prompt.
+    """
+    family = model_family(model_config)
+    placeholder_id = video_token_id(model_config)
+    text = _render(tokenizer, model_config, family, video is not None, question, system, chat_template)
+    bos = tokenizer.bos_token
+    ids = tokenizer(text, add_special_tokens=not (bos and text.startswith(bos)))["input_ids"]
+
+    found = ids.count(placeholder_id)
+    expected = 0 if video is None else 1
+    if found != expected:
+        raise ConfigError(
+            f"the prompt holds {found} video placeholder tokens, expected {expected}; "
+            "check the chat template and keep the video token out of the question"
+        )
+    if video is not None:
+        at = ids.index(placeholder_id)
+        ids = ids[:at] + _video_tokens(tokenizer, model_config, family, video, placeholder_id) + ids[at + 1 :]
+    return torch.tensor([ids], dtype=torch.long)  # (1, L)
+
+
+def mm_token_type_ids(input_ids: torch.Tensor, model_config) -> torch.Tensor:
+    """(B, L) int64 modality of each token: 0 text, 2 video (what Qwen-VL's forward needs)."""
+    is_video = input_ids == video_token_id(model_config)
+    return is_video.to(torch.long) * VIDEO_TOKEN_TYPE  # (B, L)
+
+
+def qwen3_group_timestamps(frame_timestamps: list[float], temporal_patch_size: int) -> list[float]:
+    """One time per temporal patch group: pad with the last frame's time to a multiple of the
+    group size, then average each group's first and last time (Qwen3VLProcessor)."""
+    times = list(frame_timestamps)
+    if remainder := len(times) % temporal_patch_size:
+        times.extend(times[-1] for _ in range(temporal_patch_size - remainder))
+    return [
+        (times[i] + times[i + temporal_patch_size - 1]) / 2
+        for i in range(0, len(times), temporal_patch_size)
+    ]
+
+
+def _render(
+    tokenizer,
+    model_config,
+    family: str,
+    with_video: bool,
+    question: str,
+    system: str | None,
+    chat_template: str | None,
+) -> str:
+    template = chat_template or getattr(tokenizer, "chat_template", None)
+    if template:
+        content = ([{"type": "video"}] if with_video else []) + [{"type": "text", "text": question}]
+        messages = [{"role": "user", "content": content}]
+        if system is not None:
+            messages.insert(0, {"role": "system", "content": system})
+        return tokenizer.apply_chat_template(
+            messages, chat_template=template, tokenize=False, add_generation_prompt=True
+        )
+    parts = [system] if system else []
+    if with_video:
+        parts.append(_placeholder_text(tokenizer, model_config, family))
+    parts.append(question)
+    return "\n".join(parts)
+
+
+def _placeholder_text(tokenizer, model_config, family: str) -> str:
+    """What the family's chat templates render for a video part."""
+    pad = tokenizer.convert_ids_to_tokens(video_token_id(model_config))
+    if family in QWEN_FAMILIES:
+        start = tokenizer.convert_ids_to_tokens(model_config.vision_start_token_id)
+        end = tokenizer.convert_ids_to_tokens(model_config.vision_end_token_id)
+        return f"{start}{pad}{end}"
+    return pad
+
+
+def _video_tokens(tokenizer, model_config, family: str, video: VideoInputs, placeholder_id: int) -> list[int]:
+    """The ids that replace the single placeholder token."""
+    if family != "qwen3_vl":
+        return [placeholder_id] * video.num_visual_tokens
+    grid_t = int(video.video_grid_thw[0, 0])
+    per_group = video.num_visual_tokens // grid_t
+    temporal_patch_size = model_config.vision_config.temporal_patch_size
+    start, end = model_config.vision_start_token_id, model_config.vision_end_token_id
+    ids: list[int] = []
+    for seconds in qwen3_group_timestamps(video.frame_timestamps, temporal_patch_size)[:grid_t]:
+        ids += tokenizer(f"<{seconds:.1f} seconds>", add_special_tokens=False)["input_ids"]
+        ids += [start] + [placeholder_id] * per_group + [end]
+    return ids
