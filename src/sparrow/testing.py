@@ -66,12 +66,13 @@ _LLAVA_IDS = dict(image_token_index=VOCAB["<image>"], video_token_index=VOCAB["<
 
 def tiny_tokenizer(family: str = "qwen2_vl") -> PreTrainedTokenizerFast:
     """A character-level fast tokenizer with the family's special tokens and a chat template."""
-    from tokenizers import Tokenizer, pre_tokenizers
+    from tokenizers import Tokenizer, decoders, pre_tokenizers
     from tokenizers.models import WordLevel
 
     model = WordLevel(vocab=dict(VOCAB), unk_token=" ")
     tokenizer = Tokenizer(model)
     tokenizer.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
+    tokenizer.decoder = decoders.Fuse()  # characters join without spaces
     video_marker = "<video>" if family.startswith("llava") else "<|vision_start|><|video_pad|><|vision_end|>"
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,

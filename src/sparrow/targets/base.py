@@ -89,7 +89,11 @@ class TargetAdapter:
         raise NotImplementedError
 
     def _prefill_kwargs(self, input_ids: torch.Tensor, video: VideoInputs | None) -> dict:
-        return {} if video is None else video.model_kwargs()
+        return {} if video is None else self._video_kwargs(video)
+
+    def _video_kwargs(self, video: VideoInputs) -> dict:
+        """The video's forward arguments, on the model's device."""
+        return {key: value.to(self.device) for key, value in video.model_kwargs().items()}
 
     # ---- properties ---------------------------------------------------------------------
     @property

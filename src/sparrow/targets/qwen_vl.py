@@ -35,8 +35,8 @@ class QwenVLAdapter(TargetAdapter):
     def _prompt_positions(self, input_ids, video: VideoInputs | None):
         kwargs = {"mm_token_type_ids": self._token_types(input_ids)}
         if video is not None:
-            kwargs.update(video.model_kwargs())
-            kwargs.pop("pixel_values_videos", None)
+            kwargs.update(self._video_kwargs(video))
+            kwargs.pop("pixel_values_videos")
         position_ids, rope_deltas = self.model.model.get_rope_index(input_ids, **kwargs)
         # The model also caches rope_deltas for its own generate(); clear it so nothing stale
         # survives this request (we always pass explicit positions).
@@ -46,5 +46,5 @@ class QwenVLAdapter(TargetAdapter):
     def _prefill_kwargs(self, input_ids, video: VideoInputs | None) -> dict:
         kwargs = {"mm_token_type_ids": self._token_types(input_ids)}
         if video is not None:
-            kwargs.update(video.model_kwargs())
+            kwargs.update(self._video_kwargs(video))
         return kwargs

@@ -101,7 +101,9 @@ def read_video(
         if total is None:  # the container does not record a frame count: count packets
             total = _count_frames(path_str)
     if total == 0:
-        raise VideoError(f"{path_str} has no decodable video frames; re-encode it (e.g. ffmpeg -i IN OUT.mp4)")
+        raise VideoError(
+            f"{path_str} has no decodable video frames; re-encode it (e.g. ffmpeg -i IN OUT.mp4)"
+        )
 
     indices = _select(total, source_fps, num_frames, fps, max_frames)
     kept, decoded = _decode_selected(path_str, indices)
@@ -109,7 +111,9 @@ def read_video(
         # The recorded frame count was too high (truncated file or inexact metadata): `decoded`
         # is the true count, so sample again over the frames that really decode.
         if decoded == 0:
-            raise VideoError(f"{path_str} has no decodable video frames; re-encode it (e.g. ffmpeg -i IN OUT.mp4)")
+            raise VideoError(
+                f"{path_str} has no decodable video frames; re-encode it (e.g. ffmpeg -i IN OUT.mp4)"
+            )
         total = decoded
         indices = _select(total, source_fps, num_frames, fps, max_frames)
         kept, _ = _decode_selected(path_str, indices)
@@ -202,11 +206,11 @@ def _count_frames(path: str) -> int:
     """Frames in the first video stream, counted from its packets (no decoding)."""
     with _open(path) as container:
         try:
-            return sum(
-                1 for packet in container.demux(video=0) if packet.size > 0
-            )
+            return sum(1 for packet in container.demux(video=0) if packet.size > 0)
         except _DECODE_ERRORS as error:
-            raise VideoError(f"{path} is damaged ({_reason(error)}); re-encode or replace it") from error
+            raise VideoError(
+                f"{path} is damaged ({_reason(error)}); re-encode or replace it"
+            ) from error
 
 
 def _select(
@@ -246,10 +250,14 @@ def _decode_selected(path: str, indices: np.ndarray) -> tuple[dict[int, np.ndarr
                     break
         except _DECODE_ERRORS as error:
             if decoded == 0:
-                raise VideoError(f"{path} is damaged ({_reason(error)}); re-encode or replace it") from error
+                raise VideoError(
+                    f"{path} is damaged ({_reason(error)}); re-encode or replace it"
+                ) from error
     return kept, decoded
 
 
 def _reason(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__
+    """The cause of a PyAV/OS error in a few words (without the file name ffmpeg appends)."""
+    reason = getattr(error, "strerror", None) or str(error).strip()
+    lines = str(reason).splitlines()
+    return lines[0] if lines else type(error).__name__

@@ -50,7 +50,7 @@ OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 HALF = (0.5, 0.5, 0.5)
 
 # PIL resampling codes as stored in preprocessor_config.json -> interpolate mode.
-_RESAMPLE_MODES = {0: "nearest", 2: "bilinear", 3: "bicubic"}
+_RESAMPLE_MODES = {0: "nearest-exact", 2: "bilinear", 3: "bicubic"}
 
 
 @dataclass
@@ -66,7 +66,9 @@ class VideoInputs:
     video_grid_thw: torch.Tensor | None  # (1, 3) int64 [grid_t, grid_h, grid_w], Qwen-VL only
     num_visual_tokens: int  # placeholder tokens the model fills with this video's features
     frame_timestamps: list[float]  # seconds of each sampled frame (before temporal padding)
-    extra: dict[str, torch.Tensor] = field(default_factory=dict)  # qwen2_5_vl: second_per_grid_ts (1,)
+    extra: dict[str, torch.Tensor] = field(
+        default_factory=dict
+    )  # qwen2_5_vl: second_per_grid_ts (1,)
     family: str = ""  # model_type of the model these inputs are for
 
     def model_kwargs(self) -> dict[str, torch.Tensor]:
@@ -126,11 +128,11 @@ def video_settings(model_config, processor_config: dict[str, Any] | None) -> Vid
     vision = model_config.vision_config
     if family in QWEN_FAMILIES:
         qwen3 = family == "qwen3_vl"
-        settings = dict(
-            patch_size=vision.patch_size,
-            merge_size=vision.spatial_merge_size,
-            temporal_patch_size=vision.temporal_patch_size,
-        )
+        settings = {
+            "patch_size": vision.patch_size,
+            "merge_size": vision.spatial_merge_size,
+            "temporal_patch_size": vision.temporal_patch_size,
+        }
         for key, value in settings.items():
             if key in config and config[key] != value:
                 raise ConfigError(
@@ -166,7 +168,9 @@ def video_settings(model_config, processor_config: dict[str, Any] | None) -> Vid
     elif "shortest_edge" in size and "longest_edge" not in size:
         shortest_edge = size["shortest_edge"]
     elif size:
-        raise ConfigError(f"processor config size {size} is not supported; use height/width or shortest_edge")
+        raise ConfigError(
+            f"processor config size {size} is not supported; use height/width or shortest_edge"
+        )
     elif family == "llava_onevision":
         resize_to = (side, side)
     else:
@@ -253,7 +257,9 @@ def count_visual_tokens(
     model_config, processor_config: dict[str, Any] | None, num_frames: int, height: int, width: int
 ) -> int:
     """Visual tokens that `num_frames` frames of height x width cost, without touching pixels."""
-    return _count_tokens(model_config, video_settings(model_config, processor_config), num_frames, height, width)
+    return _count_tokens(
+        model_config, video_settings(model_config, processor_config), num_frames, height, width
+    )
 
 
 def frames_for_budget(
@@ -277,7 +283,9 @@ def frames_for_budget(
     return max(fitting, default=0)
 
 
-def _count_tokens(model_config, settings: VideoSettings, num_frames: int, height: int, width: int) -> int:
+def _count_tokens(
+    model_config, settings: VideoSettings, num_frames: int, height: int, width: int
+) -> int:
     if settings.family in QWEN_FAMILIES:
         new_h, new_w = _qwen_frame_size(settings, num_frames, height, width, "<frames>")
         grid_t = -(-num_frames // settings.temporal_patch_size)
@@ -287,7 +295,12 @@ def _count_tokens(model_config, settings: VideoSettings, num_frames: int, height
 
 
 def smart_resize(
-    height: int, width: int, factor: int, min_pixels: int, max_pixels: int, num_frames: int = 1,
+    height: int,
+    width: int,
+    factor: int,
+    min_pixels: int,
+    max_pixels: int,
+    num_frames: int = 1,
     temporal_factor: int = 1,
 ) -> tuple[int, int]:
     """transformers' Qwen `smart_resize`: the frame size nearest (height, width) in aspect whose
@@ -301,7 +314,9 @@ def smart_resize(
         scale = max(factor / height, factor / width)
         height, width = int(height * scale), int(width * scale)
     if max(height, width) / min(height, width) > 200:
-        raise ValueError(f"absolute aspect ratio must be smaller than 200, got {max(height, width) / min(height, width)}")
+        raise ValueError(
+            f"absolute aspect ratio must be smaller than 200, got {max(height, width) / min(height, width)}"
+        )
     h_bar = round(height / factor) * factor
     w_bar = round(width / factor) * factor
     t_bar = round(num_frames / temporal_factor) * temporal_factor
@@ -316,7 +331,9 @@ def smart_resize(
     return h_bar, w_bar
 
 
-def _qwen_frame_size(settings: VideoSettings, num_frames: int, height: int, width: int, path: str) -> tuple[int, int]:
+def _qwen_frame_size(
+    settings: VideoSettings, num_frames: int, height: int, width: int, path: str
+) -> tuple[int, int]:
     factor = settings.patch_size * settings.merge_size
     if not settings.do_resize:
         if height % factor or width % factor:
@@ -329,14 +346,25 @@ def _qwen_frame_size(settings: VideoSettings, num_frames: int, height: int, widt
             # The reference raises for fewer frames than temporal_patch_size; such a clip is
             # padded to temporal_patch_size frames anyway, so size it as that many.
             frames = max(num_frames, settings.temporal_patch_size)
-            new_h, new_w = smart_resize(height, width, factor, settings.min_pixels, settings.max_pixels,
-                                        frames, settings.temporal_patch_size)
+            new_h, new_w = smart_resize(
+                height,
+                width,
+                factor,
+                settings.min_pixels,
+                settings.max_pixels,
+                frames,
+                settings.temporal_patch_size,
+            )
         else:
-            new_h, new_w = smart_resize(height, width, factor, settings.min_pixels, settings.max_pixels)
+            new_h, new_w = smart_resize(
+                height, width, factor, settings.min_pixels, settings.max_pixels
+            )
     except ValueError as error:
         raise VideoError(f"{path}: {error}; crop the video to a less extreme shape") from error
     if new_h < factor or new_w < factor:
-        raise ConfigError(f"{path}: min_pixels={settings.min_pixels} is too small to size {height}x{width} frames; raise it")
+        raise ConfigError(
+            f"{path}: min_pixels={settings.min_pixels} is too small to size {height}x{width} frames; raise it"
+        )
     return new_h, new_w
 
 
@@ -377,9 +405,11 @@ def _resize(video: torch.Tensor, height: int, width: int, settings: VideoSetting
         raise ConfigError(
             f"processor config resample={settings.resample} is not supported; use 3 (bicubic), 2 (bilinear) or 0"
         )
-    if mode == "nearest":
+    if mode == "nearest-exact":
         return F.interpolate(video, size=(height, width), mode=mode)
-    return F.interpolate(video, size=(height, width), mode=mode, align_corners=False, antialias=True)
+    return F.interpolate(
+        video, size=(height, width), mode=mode, align_corners=False, antialias=True
+    )
 
 
 def _center_crop(video: torch.Tensor, height: int, width: int, path: str) -> torch.Tensor:
@@ -401,7 +431,10 @@ def _rescale_and_normalize(video: torch.Tensor, settings: VideoSettings) -> torc
     std = torch.tensor(settings.image_std, dtype=torch.float32).view(3, 1, 1)
     if settings.do_normalize:
         if settings.do_rescale:
-            mean, std = mean * (1.0 / settings.rescale_factor), std * (1.0 / settings.rescale_factor)
+            mean, std = (
+                mean * (1.0 / settings.rescale_factor),
+                std * (1.0 / settings.rescale_factor),
+            )
         return (pixels - mean) / std
     if settings.do_rescale:
         return pixels * settings.rescale_factor

@@ -32,7 +32,9 @@ def video_token_id(model_config) -> int:
         value = getattr(model_config, name, None)
         if value is not None:
             return int(value)
-    raise ConfigError(f"{model_config.model_type} config names no video token id; set video_token_id in config.json")
+    raise ConfigError(
+        f"{model_config.model_type} config names no video token id; set video_token_id in config.json"
+    )
 
 
 def build_video_prompt(
@@ -50,7 +52,9 @@ def build_video_prompt(
     """
     family = model_family(model_config)
     placeholder_id = video_token_id(model_config)
-    text = _render(tokenizer, model_config, family, video is not None, question, system, chat_template)
+    text = _render(
+        tokenizer, model_config, family, video is not None, question, system, chat_template
+    )
     bos = tokenizer.bos_token
     ids = tokenizer(text, add_special_tokens=not (bos and text.startswith(bos)))["input_ids"]
 
@@ -63,7 +67,11 @@ def build_video_prompt(
         )
     if video is not None:
         at = ids.index(placeholder_id)
-        ids = ids[:at] + _video_tokens(tokenizer, model_config, family, video, placeholder_id) + ids[at + 1 :]
+        ids = (
+            ids[:at]
+            + _video_tokens(tokenizer, model_config, family, video, placeholder_id)
+            + ids[at + 1 :]
+        )
     return torch.tensor([ids], dtype=torch.long)  # (1, L)
 
 
@@ -120,7 +128,9 @@ def _placeholder_text(tokenizer, model_config, family: str) -> str:
     return pad
 
 
-def _video_tokens(tokenizer, model_config, family: str, video: VideoInputs, placeholder_id: int) -> list[int]:
+def _video_tokens(
+    tokenizer, model_config, family: str, video: VideoInputs, placeholder_id: int
+) -> list[int]:
     """The ids that replace the single placeholder token."""
     if family != "qwen3_vl":
         return [placeholder_id] * video.num_visual_tokens
@@ -128,8 +138,14 @@ def _video_tokens(tokenizer, model_config, family: str, video: VideoInputs, plac
     per_group = video.num_visual_tokens // grid_t
     temporal_patch_size = model_config.vision_config.temporal_patch_size
     start, end = model_config.vision_start_token_id, model_config.vision_end_token_id
+    group_times = qwen3_group_timestamps(video.frame_timestamps, temporal_patch_size)
+    if len(group_times) != grid_t:
+        raise ConfigError(
+            f"the video has {len(video.frame_timestamps)} frame timestamps but {grid_t} temporal groups; "
+            "build VideoInputs with preprocess_video"
+        )
     ids: list[int] = []
-    for seconds in qwen3_group_timestamps(video.frame_timestamps, temporal_patch_size)[:grid_t]:
+    for seconds in group_times:
         ids += tokenizer(f"<{seconds:.1f} seconds>", add_special_tokens=False)["input_ids"]
         ids += [start] + [placeholder_id] * per_group + [end]
     return ids

@@ -1,0 +1,84 @@
+"""The small Python API the command line and the server are built on.
+
+    import sparrow
+    target = sparrow.load_target("tiny:qwen2_vl")            # or a checkpoint directory
+    draft = sparrow.init_draft(target, mode="sparrow")        # or sparrow.load_draft(DIR, target)
+    answer = sparrow.answer(target, "What happens?", video="clip.mp4", draft=draft,
+                            method="sparrow", tree="30-4-8", max_new_tokens=64)
+    print(answer.text, answer.result.tau)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from sparrow.decoding.generate import GenerationResult, generate
+from sparrow.decoding.sampling import SamplingParams
+from sparrow.decoding.tree import TreeSpec
+from sparrow.draft import DraftModel
+from sparrow.targets import TargetAdapter
+from sparrow.video.io import read_video
+from sparrow.video.processing import VideoInputs, preprocess_video
+from sparrow.video.prompt import build_video_prompt
+
+DEFAULT_NUM_FRAMES = 8
+
+
+@dataclass
+class Answer:
+    text: str
+    result: GenerationResult
+
+    def to_dict(self) -> dict:
+        return {"text": self.text, **self.result.to_dict()}
+
+
+def prepare_video(
+    target: TargetAdapter,
+    path: str | Path,
+    num_frames: int | None = None,
+    fps: float | None = None,
+) -> VideoInputs:
+    """Decode, sample and preprocess a video file for `target`."""
+    if num_frames is None and fps is None:
+        num_frames = DEFAULT_NUM_FRAMES
+    clip = read_video(path, num_frames=num_frames, fps=fps)
+    return preprocess_video(clip, target.config, target.processor_config, dtype=target.dtype)
+
+
+def answer(
+    target: TargetAdapter,
+    question: str,
+    video: str | Path | VideoInputs | None = None,
+    *,
+    num_frames: int | None = None,
+    fps: float | None = None,
+    method: str = "ar",
+    draft: DraftModel | None = None,
+    tree: TreeSpec | str = TreeSpec(),
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    seed: int | None = None,
+    system: str | None = None,
+) -> Answer:
+    """Answer `question` about `video` (a file path, prepared VideoInputs, or None)."""
+    sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+    tree = TreeSpec.parse(tree) if isinstance(tree, str) else tree
+    if video is not None and not isinstance(video, VideoInputs):
+        video = prepare_video(target, video, num_frames=num_frames, fps=fps)
+    input_ids = build_video_prompt(target.tokenizer, target.config, video, question, system=system)
+    result = generate(
+        target,
+        input_ids,
+        video,
+        method=method,
+        draft=draft,
+        tree=tree,
+        max_new_tokens=max_new_tokens,
+        sampling=sampling,
+    )
+    text = target.tokenizer.decode(result.token_ids, skip_special_tokens=True)
+    return Answer(text=text, result=result)

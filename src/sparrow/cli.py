@@ -1,0 +1,135 @@
+"""`sparrow` command line: a thin layer over sparrow.api.
+
+Errors a user can cause (missing or corrupt video, bad tree string, draft/target mismatch)
+print one line on stderr and exit with status 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from sparrow.errors import SparrowError
+
+EXIT_USER_ERROR = 2
+
+
+def _add_target(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--target", required=True,
+        help="checkpoint directory of a supported video LLM, or tiny:<family> "
+        "(a tiny random model: tiny:qwen2_vl, tiny:qwen2_5_vl, tiny:qwen3_vl, "
+        "tiny:llava_onevision, tiny:llava_next_video)",
+    )
+    parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="model dtype (default float32: half precision is slow on CPUs)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sparrow",
+        description="Lossless speculative decoding for video LLMs (the Sparrow method).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="answer a question about a video")
+    _add_target(gen)
+    gen.add_argument("--draft", help="draft checkpoint directory (needed by sparrow/eagle)")
+    gen.add_argument("--method", default=None, choices=["ar", "sparrow", "eagle"],
+                     help="decoding method (default: sparrow with --draft, else ar)")
+    gen.add_argument("--video", help="video file (any container/codec PyAV reads)")
+    gen.add_argument("--prompt", required=True, help="the question or instruction")
+    gen.add_argument("--num-frames", type=int, default=None,
+                     help="frames sampled uniformly over the video (default 8)")
+    gen.add_argument("--fps", type=float, default=None,
+                     help="sample this many frames per second instead of --num-frames")
+    gen.add_argument("--max-new-tokens", type=int, default=256)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--seed", type=int, default=None, help="sampling seed")
+    gen.add_argument("--tree", default="30-4-8", help="draft tree total_tokens-depth-top_k")
+    gen.add_argument("--json", action="store_true", help="print one JSON object")
+
+    init = sub.add_parser("draft-init", help="write a randomly initialised draft for a target")
+    _add_target(init)
+    init.add_argument("--out", required=True, help="output directory")
+    init.add_argument("--seed", type=int, default=0)
+    init.add_argument("--mode", default="sparrow", choices=["sparrow", "eagle"])
+    return parser
+
+
+def _dtype(name: str):
+    import torch
+
+    return getattr(torch, name)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from sparrow.api import answer
+    from sparrow.decoding.tree import TreeSpec
+    from sparrow.draft import load_draft
+    from sparrow.errors import ConfigError
+    from sparrow.targets import load_target
+
+    method = args.method or ("sparrow" if args.draft else "ar")
+    tree = TreeSpec.parse(args.tree)  # fail fast, before loading anything
+    if method != "ar" and not args.draft:
+        raise ConfigError(f"--method {method} needs --draft DIR (create one with draft-init)")
+    if args.num_frames is not None and args.fps is not None:
+        raise ConfigError("give --num-frames or --fps, not both")
+    if args.video is not None and not os.path.isfile(args.video):
+        raise SparrowError(f"--video {args.video}: file not found; check the path")
+    target = load_target(args.target, dtype=_dtype(args.dtype), device=args.device)
+    draft = load_draft(args.draft, target, mode=method) if method != "ar" else None
+    result = answer(
+        target, args.prompt, args.video, num_frames=args.num_frames, fps=args.fps,
+        method=method, draft=draft, tree=tree, max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+    )
+    if args.json:
+        print(json.dumps(result.to_dict()))
+    else:
+        r = result.result
+        print(result.text)
+        print(
+            f"[{method}] {len(r.token_ids)} tokens, tau {r.tau:.2f}, {r.target_calls} target calls, "
+            f"{r.num_visual_tokens} visual tokens, prefill {r.timings.prefill_s:.2f}s, "
+            f"decode {r.timings.decode_s:.2f}s",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def cmd_draft_init(args: argparse.Namespace) -> int:
+    from sparrow.draft import init_draft
+    from sparrow.targets import load_target
+
+    target = load_target(args.target, dtype=_dtype(args.dtype), device=args.device)
+    draft = init_draft(target, mode=args.mode, seed=args.seed)
+    out = draft.save(args.out)
+    params = sum(p.numel() for p in draft.parameters())
+    print(f"wrote a random {args.mode} draft ({params:,} parameters) for {target.name} to {out}")
+    return 0
+
+
+COMMANDS = {"generate": cmd_generate, "draft-init": cmd_draft_init}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except SparrowError as error:
+        print(f"sparrow {args.command}: error: {error}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print(f"sparrow {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
