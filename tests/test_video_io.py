@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import av
 import numpy as np
 import pytest
@@ -96,7 +98,7 @@ def test_text_file_named_mp4(tmp_path):
 
 
 def test_truncated_mp4(tmp_path, video_path):
-    data = open(video_path, "rb").read()
+    data = Path(video_path).read_bytes()
     path = tmp_path / "truncated.mp4"
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(VideoError) as error:
@@ -104,8 +106,35 @@ def test_truncated_mp4(tmp_path, video_path):
     assert str(path) in str(error.value)
 
 
+def test_truncated_mp4_with_its_index_up_front_samples_the_frames_that_decode(tmp_path):
+    """A faststart mp4 (index first) cut short still opens and claims all its frames."""
+    frames = np.random.default_rng(0).integers(0, 40, (NUM_FRAMES, 32, 48, 3), dtype=np.uint8)
+    frames += (np.arange(NUM_FRAMES, dtype=np.uint8) * 10)[:, None, None, None]
+    whole = tmp_path / "faststart.mp4"
+    with av.open(str(whole), mode="w", options={"movflags": "faststart"}) as container:
+        stream = container.add_stream("libx264", rate=10)
+        stream.height, stream.width, stream.pix_fmt = 32, 48, "yuv420p"
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    data = whole.read_bytes()
+    path = tmp_path / "cut.mp4"
+    path.write_bytes(data[: len(data) * 6 // 10])
+    with av.open(str(path)) as container:
+        assert container.streams.video[0].frames == NUM_FRAMES
+    clip = read_video(path, num_frames=4)
+    assert 1 < clip.total_frames < NUM_FRAMES
+    np.testing.assert_array_equal(
+        clip.frame_indices, np.linspace(0, clip.total_frames - 1, 4).round().astype(int)
+    )
+    levels = np.round((clip.frames.mean(axis=(1, 2, 3)) - 20) / 10).astype(int)
+    np.testing.assert_array_equal(levels, clip.frame_indices)
+
+
 def test_corrupt_frames(tmp_path, video_path):
-    data = bytearray(open(video_path, "rb").read())
+    data = bytearray(Path(video_path).read_bytes())
     for index in range(64, len(data) // 2):  # scramble the encoded frames, keep the index
         data[index] ^= 0x5A
     path = tmp_path / "corrupt.mp4"
@@ -119,7 +148,9 @@ def test_file_without_video_stream(tmp_path):
     path = tmp_path / "tone.wav"
     with av.open(str(path), mode="w") as container:
         stream = container.add_stream("pcm_s16le", rate=8000)
-        frame = av.AudioFrame.from_ndarray(np.zeros((1, 800), np.int16), format="s16", layout="mono")
+        frame = av.AudioFrame.from_ndarray(
+            np.zeros((1, 800), np.int16), format="s16", layout="mono"
+        )
         frame.sample_rate = 8000
         for packet in [*stream.encode(frame), *stream.encode()]:
             container.mux(packet)

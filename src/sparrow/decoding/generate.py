@@ -91,14 +91,21 @@ def generate(
     max_new_tokens: int = 256,
     sampling: SamplingParams = SamplingParams(),
     eos_token_ids: list[int] | None = None,
+    proposer=None,
 ) -> GenerationResult:
-    """Generate an answer to `input_ids` (1, L) (+ `video`, a VideoInputs) with `method`."""
+    """Generate an answer to `input_ids` (1, L) (+ `video`, a VideoInputs) with `method`.
+
+    `proposer` overrides the method's proposer (anything with start/propose/commit and a
+    `cache_length`, see drafter.py): the extension point for other drafting strategies.
+    """
     if method not in METHODS:
         raise ConfigError(f"--method {method!r}: choose one of {', '.join(METHODS)}")
     if max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens {max_new_tokens}: must be >= 1")
     tree = TreeSpec.parse(tree) if isinstance(tree, str) else tree
-    if method == "ar":
+    if proposer is not None:
+        pass
+    elif method == "ar":
         proposer = NoDraftProposer()
     else:
         if draft is None:

@@ -142,9 +142,15 @@ def video_settings(model_config, processor_config: dict[str, Any] | None) -> Vid
         # transformers' video processor defaults: (128 .. 768) * factor**2 pixels; per frame for
         # Qwen2/2.5-VL, for the whole clip for Qwen3-VL (its smart_resize counts frames).
         factor = vision.patch_size * vision.spatial_merge_size
+        # Precedence as in Qwen2VLVideoProcessor.__init__: top-level min/max_pixels over `size`
+        # (older checkpoints spell size's keys min_pixels / max_pixels).
         size = config.get("size") or {}
-        min_pixels = config.get("min_pixels", size.get("shortest_edge", 128 * factor * factor))
-        max_pixels = config.get("max_pixels", size.get("longest_edge", 768 * factor * factor))
+        min_pixels = config.get(
+            "min_pixels", size.get("shortest_edge", size.get("min_pixels", 128 * factor * factor))
+        )
+        max_pixels = config.get(
+            "max_pixels", size.get("longest_edge", size.get("max_pixels", 768 * factor * factor))
+        )
         default_mean, default_std = (HALF, HALF) if qwen3 else (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
         return VideoSettings(
             family=family,
@@ -207,8 +213,10 @@ def preprocess_video(
     """Resize, normalize and (Qwen-VL) patchify `clip` exactly as `model_config`'s processor does."""
     settings = video_settings(model_config, processor_config)
     frames = np.asarray(clip.frames)
-    if frames.ndim != 4 or frames.shape[-1] != 3 or len(frames) == 0:
-        raise VideoError(f"{clip.path}: expected (T, H, W, 3) frames, got shape {frames.shape}")
+    if frames.ndim != 4 or frames.shape[-1] != 3 or len(frames) == 0 or frames.dtype != np.uint8:
+        raise VideoError(
+            f"{clip.path}: expected (T, H, W, 3) uint8 RGB frames, got {frames.dtype} {frames.shape}"
+        )
     video = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)  # (T, 3, H, W) uint8
     num_frames, _, height, width = video.shape
     timestamps = [float(t) for t in clip.timestamps]

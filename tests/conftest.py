@@ -1,0 +1,86 @@
+"""Shared fixtures: tiny random models of every family, real video files, reference outputs."""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+import torch
+
+from sparrow.testing import FAMILIES, processor_config, tiny_model, tiny_tokenizer
+
+torch.set_num_threads(1)  # tiny models: threads only add overhead (and CI shares 2 cores)
+
+
+def moving_square_frames(num_frames: int, height: int = 72, width: int = 96, seed: int = 0):
+    """(T, H, W, 3) uint8: a coloured square moving over a noisy background."""
+    rng = np.random.default_rng(seed)
+    frames = rng.integers(0, 60, size=(num_frames, height, width, 3), dtype=np.uint8)
+    for t in range(num_frames):
+        x = (5 * t) % (width - 20)
+        frames[t, 20:40, x : x + 20] = (200, 40 + 10 * seed, 40)
+    return frames
+
+
+@functools.lru_cache(maxsize=None)
+def _model(family: str, seed: int = 0):
+    return tiny_model(family, seed)
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def target(family):
+    from sparrow.targets import wrap_model
+
+    return wrap_model(_model(family), tiny_tokenizer(family), processor_config(family))
+
+
+@pytest.fixture(scope="session")
+def video_file(tmp_path_factory):
+    """Factory: path of a real mp4 with `num_frames` frames (cached per frame count)."""
+    from sparrow.video.io import write_video
+
+    root = tmp_path_factory.mktemp("videos")
+    cache: dict[tuple[int, int], str] = {}
+
+    def make(num_frames: int = 8, seed: int = 0) -> str:
+        if (num_frames, seed) not in cache:
+            path = root / f"clip_{num_frames}_{seed}.mp4"
+            write_video(path, moving_square_frames(num_frames, seed=seed), fps=8)
+            cache[(num_frames, seed)] = str(path)
+        return cache[(num_frames, seed)]
+
+    return make
+
+
+def reference_generate(target, input_ids, video, max_new_tokens: int, eos_token_ids) -> list[int]:
+    """transformers' own greedy generate on the unmodified model (fresh default attention)."""
+    model = target.model
+    kwargs = {}
+    if video is not None:
+        kwargs.update(video.model_kwargs())
+    if "qwen" in model.config.model_type:
+        from sparrow.video.prompt import mm_token_type_ids
+
+        kwargs["mm_token_type_ids"] = mm_token_type_ids(input_ids, model.config)
+    text_config = model.config.get_text_config()
+    attention = text_config._attn_implementation
+    text_config._attn_implementation = "sdpa"  # the reference runs transformers' own kernel
+    try:
+        out = model.generate(
+            input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=list(eos_token_ids),
+            pad_token_id=0,
+            **kwargs,
+        )
+    finally:
+        text_config._attn_implementation = attention
+    return out[0, input_ids.shape[1] :].tolist()
