@@ -23,7 +23,7 @@ def moving_square_frames(num_frames: int, height: int = 72, width: int = 96, see
     return frames
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _model(family: str, seed: int = 0):
     return tiny_model(family, seed)
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import reference_generate
 
+from conftest import reference_generate
 from sparrow.api import prepare_video
 from sparrow.decoding.drafter import DraftProposer
 from sparrow.decoding.generate import generate

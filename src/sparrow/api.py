@@ -15,7 +15,7 @@ from pathlib import Path
 
 from sparrow.decoding.generate import GenerationResult, generate
 from sparrow.decoding.sampling import SamplingParams
-from sparrow.decoding.tree import TreeSpec
+from sparrow.decoding.tree import DEFAULT_TREE, TreeSpec
 from sparrow.draft import DraftModel
 from sparrow.targets import TargetAdapter
 from sparrow.video.io import read_video
@@ -56,7 +56,7 @@ def answer(
     fps: float | None = None,
     method: str = "ar",
     draft: DraftModel | None = None,
-    tree: TreeSpec | str = TreeSpec(),
+    tree: TreeSpec | str = DEFAULT_TREE,
     max_new_tokens: int = 256,
     temperature: float = 0.0,
     top_p: float = 1.0,

@@ -96,7 +96,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         r = result.result
         print(result.text)
         print(
-            f"[{method}] {len(r.token_ids)} tokens, tau {r.tau:.2f}, {r.target_calls} target calls, "
+            f"[{method}] {len(r.token_ids)} tokens, tau {r.tau:.2f}, "
+            f"{r.target_calls} target calls, "
             f"{r.num_visual_tokens} visual tokens, prefill {r.timings.prefill_s:.2f}s, "
             f"decode {r.timings.decode_s:.2f}s",
             file=sys.stderr,

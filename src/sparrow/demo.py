@@ -44,7 +44,8 @@ def main() -> int:
                 draft=None if method == "ar" else draft, max_new_tokens=64,
             )
         base = runs["ar"].result.token_ids
-        print(f"video: {clip.name}, 8 frames -> {runs['ar'].result.num_visual_tokens} visual tokens")
+        visual = runs["ar"].result.num_visual_tokens
+        print(f"video: {clip.name}, 8 frames -> {visual} visual tokens")
         for method, run in runs.items():
             r = run.result
             same = "identical to ar" if r.token_ids == base else "DIFFERS FROM AR"

@@ -75,7 +75,7 @@ def sparrow_attention(
 
 def _no_mask(*args, **kwargs) -> None:
     """Causality is handled inside `sparrow_attention`; transformers builds no mask for it."""
-    return None
+    return
 
 
 def register() -> str:

@@ -109,7 +109,8 @@ class StaticKVCache(Cache):
         `offsets` (n,) int64, increasing, relative to `start` (the cache length before the
         verified tree was appended). Everything after the kept positions is dropped.
         """
-        offsets = offsets.to(device=self.layers[0].device if self.layers[0].is_initialized else offsets.device)
+        if self.layers[0].is_initialized:
+            offsets = offsets.to(self.layers[0].device)
         if bool((offsets == torch.arange(offsets.numel(), device=offsets.device)).all()):
             self.truncate(start + int(offsets.numel()))  # already in place: no copy
             return

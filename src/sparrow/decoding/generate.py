@@ -19,8 +19,8 @@ import torch
 
 from sparrow.decoding.accept import accept_greedy, accept_sampled
 from sparrow.decoding.drafter import DraftProposer, NoDraftProposer
-from sparrow.decoding.sampling import SamplingParams
-from sparrow.decoding.tree import TreeSpec
+from sparrow.decoding.sampling import GREEDY, SamplingParams
+from sparrow.decoding.tree import DEFAULT_TREE, TreeSpec
 from sparrow.draft import DraftModel
 from sparrow.errors import ConfigError
 from sparrow.targets.base import TargetAdapter
@@ -87,9 +87,9 @@ def generate(
     *,
     method: str = "ar",
     draft: DraftModel | None = None,
-    tree: TreeSpec | str = TreeSpec(),
+    tree: TreeSpec | str = DEFAULT_TREE,
     max_new_tokens: int = 256,
-    sampling: SamplingParams = SamplingParams(),
+    sampling: SamplingParams = GREEDY,
     eos_token_ids: list[int] | None = None,
     proposer=None,
 ) -> GenerationResult:

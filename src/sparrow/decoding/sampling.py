@@ -53,3 +53,6 @@ class SamplingParams:
         """(n, V) logits -> (n, V) float32 target probabilities after warping."""
         warped = self.warpers()(None, logits.float())
         return torch.softmax(warped, dim=-1)
+
+
+GREEDY = SamplingParams()

@@ -61,6 +61,9 @@ class TreeSpec:
         return f"{self.total_tokens}-{self.depth}-{self.top_k}"
 
 
+DEFAULT_TREE = TreeSpec()  # 30-4-8, the paper's LLaVA-OneVision setting
+
+
 @dataclass
 class Tree:
     tokens: torch.Tensor  # (n,) int64, tokens[0] is the root (already emitted)

@@ -240,5 +240,7 @@ def read_processor_config(directory: Path) -> dict | None:
             try:
                 return json.loads(path.read_text())
             except json.JSONDecodeError as error:
-                raise CheckpointError(f"{path}: not valid JSON ({error}); fix or remove it") from error
+                raise CheckpointError(
+                    f"{path}: not valid JSON ({error}); fix or remove it"
+                ) from error
     return None

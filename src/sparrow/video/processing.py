@@ -346,7 +346,8 @@ def _qwen_frame_size(
     if not settings.do_resize:
         if height % factor or width % factor:
             raise ConfigError(
-                f"{path}: with do_resize=false frames must be multiples of {factor} pixels, got {height}x{width}"
+                f"{path}: with do_resize=false frames must be multiples of {factor} pixels, "
+                f"got {height}x{width}"
             )
         return height, width
     try:
@@ -411,7 +412,8 @@ def _resize(video: torch.Tensor, height: int, width: int, settings: VideoSetting
     mode = _RESAMPLE_MODES.get(settings.resample)
     if mode is None:
         raise ConfigError(
-            f"processor config resample={settings.resample} is not supported; use 3 (bicubic), 2 (bilinear) or 0"
+            f"processor config resample={settings.resample} is not supported; "
+            "use 3 (bicubic), 2 (bilinear) or 0"
         )
     if mode == "nearest-exact":
         return F.interpolate(video, size=(height, width), mode=mode)
