@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 
 import numpy as np
 import pytest
@@ -11,6 +12,8 @@ import torch
 from sparrow.testing import FAMILIES, processor_config, tiny_model, tiny_tokenizer
 
 torch.set_num_threads(1)  # tiny models: threads only add overhead (and CI shares 2 cores)
+# The suite runs on the CPU; SPARROW_TEST_DEVICE=cuda reruns it on a GPU (never needed by CI).
+DEVICE = torch.device(os.environ.get("SPARROW_TEST_DEVICE", "cpu"))
 
 
 def moving_square_frames(num_frames: int, height: int = 72, width: int = 96, seed: int = 0):
@@ -25,7 +28,7 @@ def moving_square_frames(num_frames: int, height: int = 72, width: int = 96, see
 
 @functools.cache
 def _model(family: str, seed: int = 0):
-    return tiny_model(family, seed)
+    return tiny_model(family, seed).to(DEVICE)
 
 
 @pytest.fixture(params=FAMILIES)
@@ -61,9 +64,10 @@ def video_file(tmp_path_factory):
 def reference_generate(target, input_ids, video, max_new_tokens: int, eos_token_ids) -> list[int]:
     """transformers' own greedy generate on the unmodified model (fresh default attention)."""
     model = target.model
+    input_ids = input_ids.to(model.device)
     kwargs = {}
     if video is not None:
-        kwargs.update(video.model_kwargs())
+        kwargs.update({k: v.to(model.device) for k, v in video.model_kwargs().items()})
     if "qwen" in model.config.model_type:
         from sparrow.video.prompt import mm_token_type_ids
 

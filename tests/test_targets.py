@@ -48,7 +48,7 @@ def test_no_state_leaks_between_requests(target, video_file):
     second = generate(target, text_only, None, max_new_tokens=10).token_ids
     again = generate(target, with_video, video, max_new_tokens=10).token_ids
     assert first == again
-    fresh = load_target(f"tiny:{target.config.model_type}")
+    fresh = load_target(f"tiny:{target.config.model_type}", device=target.device)
     assert generate(fresh, text_only, None, max_new_tokens=10).token_ids == second
 
 

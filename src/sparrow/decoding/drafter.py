@@ -126,7 +126,7 @@ class DraftProposer:
                     visible[i, j] = True
                     j = in_cache_parent[j]
                 in_cache_parent.append(in_cache.index(parent) if parent >= 0 else -1)
-            in_cache.extend((offset + beams).tolist())
+            in_cache.extend((offset + beams.cpu()).tolist())
             mask = build_attention_mask(
                 visible.to(device), self.length + m, self.groups, beam_features.dtype
             )
@@ -142,7 +142,7 @@ class DraftProposer:
             child_scores = (level_scores[beams, None] + child.values).flatten()  # (b*k,)
             tokens.append(child.indices.flatten())
             scores.append(child_scores)
-            parents.append((offset + beams).repeat_interleave(k))
+            parents.append((offset + beams.cpu()).repeat_interleave(k))
             depths.append(torch.full((b * k,), level + 1, dtype=torch.long))
             offset += level_tokens.shape[0]
             best = child_scores.topk(min(k, child_scores.shape[0])).indices  # (k,)
