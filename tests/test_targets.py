@@ -26,11 +26,12 @@ def test_prefill_returns_mask_hidden_and_mid_layer_states(target, video_file):
         from sparrow.video.prompt import mm_token_type_ids
 
         kwargs["mm_token_type_ids"] = mm_token_type_ids(input_ids, target.config)
+    kwargs = {key: value.to(target.device) for key, value in kwargs.items()}
     text_config = target.text_config
     text_config._attn_implementation = "sdpa"
     try:
         with torch.no_grad():
-            ref = target.model(input_ids, output_hidden_states=True, **kwargs)
+            ref = target.model(input_ids.to(target.device), output_hidden_states=True, **kwargs)
     finally:
         text_config._attn_implementation = "sparrow"
     torch.testing.assert_close(out.logits, ref.logits[0, -1], atol=1e-4, rtol=1e-4)

@@ -150,7 +150,7 @@ def generate(
         target.keep(start, path.to(target.device))
         timings.verify_s += clock.now() - t_verify
         new_tokens = candidates.tokens[path[1:]].tolist() + [decision.bonus]
-        accepted_lengths.append(len(new_tokens))
+        before = len(emitted)
         for token in new_tokens:
             emitted.append(token)
             if token in eos:
@@ -159,6 +159,7 @@ def generate(
                 finish = "length"
             if finish:
                 break
+        accepted_lengths.append(len(emitted) - before)  # tokens cut by a stop do not count
         if finish:
             break
         t = clock.now()
