@@ -6,7 +6,6 @@ import re
 from pathlib import Path
 
 from conftest import moving_square_frames
-
 from sparrow.video.io import write_video
 
 README = Path(__file__).resolve().parent.parent / "README.md"

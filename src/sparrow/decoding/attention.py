@@ -68,6 +68,16 @@ def sparrow_attention(
             query, key, value, is_causal=True, scale=scaling, enable_gqa=groups > 1
         )  # (B, H, q, D)
         return out.transpose(1, 2), None
+    if query.device.type != "cpu":
+        # GPU kernels handle GQA natively and split a long cache over many thread blocks;
+        # packing the query heads into the query axis leaves them a handful of blocks (H100,
+        # 25k cache, per layer: decode 0.27 vs 2.48 ms fp32). The first q mask rows are those
+        # of KV group 0: the (1, 1, q, T) mask every head shares.
+        mask = None if sparrow_mask is None else sparrow_mask[:, :, :q_len]
+        out = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=mask, scale=scaling, enable_gqa=groups > 1
+        )
+        return out.transpose(1, 2), None  # (B, q, H, D)
     packed = query.reshape(batch, kv_heads, groups * q_len, head_dim)  # (B, H_kv, G*q, D)
     out = F.scaled_dot_product_attention(packed, key, value, attn_mask=sparrow_mask, scale=scaling)
     return out.reshape(batch, heads, q_len, head_dim).transpose(1, 2), None  # (B, q, H, D)
