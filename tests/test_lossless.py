@@ -129,3 +129,16 @@ def test_draft_cache_holds_only_text_in_sparrow_mode(target, video_file):
             assert result.draft_cache_length == prompt_pairs + committed
             results[frames, mode] = result
     assert results[4, "sparrow"].num_visual_tokens < results[8, "sparrow"].num_visual_tokens
+
+
+def test_streaming_callback_sees_every_token_in_order_and_can_stop(target):
+    input_ids = torch.tensor([target.tokenizer("stream me a story").input_ids])
+    draft = init_draft(target, "sparrow")
+    chunks: list[list[int]] = []
+    result = generate(target, input_ids, method="sparrow", draft=draft, max_new_tokens=20,
+                      on_tokens=lambda tokens: chunks.append(list(tokens)))
+    assert [t for chunk in chunks for t in chunk] == result.token_ids
+    assert len(chunks) == result.target_calls + 1  # the prefill's token, then one per call
+    stopped = generate(target, input_ids, method="sparrow", draft=draft, max_new_tokens=20,
+                       on_tokens=lambda tokens: True)
+    assert stopped.finish_reason == "stopped" and stopped.token_ids == result.token_ids[:1]

@@ -48,9 +48,12 @@ class NoDraftProposer:
 class DraftProposer:
     """Keeps the draft's cache in step with the target's committed tokens; drafts trees."""
 
-    def __init__(self, draft: DraftModel, target: TargetAdapter, spec: TreeSpec):
+    def __init__(
+        self, draft: DraftModel, target: TargetAdapter, spec: TreeSpec, mode: str | None = None
+    ):
         spec.validate()
         self.draft, self.target, self.spec = draft, target, spec
+        self.mode = mode or draft.mode  # "sparrow" (text only) or "eagle" (every position)
         self.length = 0  # committed pairs in the draft cache
         self.cache = None
         self.last_output: torch.Tensor | None = None  # (d,) output at the last committed pair
@@ -63,7 +66,7 @@ class DraftProposer:
     def start(self, prefill: PrefillOutput, first_token: int, capacity: int) -> None:
         """Feed the prompt's pairs; `first_token` is the token the target chose after it."""
         device = prefill.hidden.device
-        if self.draft.mode == "sparrow":
+        if self.mode == "sparrow":
             kept = torch.nonzero(~prefill.visual_mask).flatten()  # (n,) text positions
         else:
             kept = torch.arange(prefill.input_ids.shape[0], device=device)

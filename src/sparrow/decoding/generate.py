@@ -44,7 +44,7 @@ class GenerationResult:
     num_visual_tokens: int
     target_calls: int  # target forwards after the prefill (verification calls)
     accepted_lengths: list[int]  # tokens emitted per verification call (bonus included)
-    finish_reason: str  # "eos" or "length"
+    finish_reason: str  # "eos", "length", or "stopped" (by the on_tokens callback)
     timings: Timings = field(default_factory=Timings)
     draft_cache_length: int | None = None  # draft KV positions at the end (None for ar)
 
@@ -92,11 +92,14 @@ def generate(
     sampling: SamplingParams = GREEDY,
     eos_token_ids: list[int] | None = None,
     proposer=None,
+    on_tokens=None,
 ) -> GenerationResult:
     """Generate an answer to `input_ids` (1, L) (+ `video`, a VideoInputs) with `method`.
 
     `proposer` overrides the method's proposer (anything with start/propose/commit and a
     `cache_length`, see drafter.py): the extension point for other drafting strategies.
+    `on_tokens(list[int])` is called with the tokens each target call emits, as they come
+    (streaming); returning True from it stops generation (finish_reason "stopped").
     """
     if method not in METHODS:
         raise ConfigError(f"--method {method!r}: choose one of {', '.join(METHODS)}")
@@ -110,9 +113,8 @@ def generate(
     else:
         if draft is None:
             raise ConfigError(f"--method {method} needs a draft: pass --draft DIR")
-        if draft.mode != method:
-            draft.config.mode = method  # the checkpoint is the same; the mode is how it is run
-        proposer = DraftProposer(draft, target, tree)
+        # The checkpoint is the same in both modes; the method decides how it is run.
+        proposer = DraftProposer(draft, target, tree, mode=method)
     eos = set(target.eos_token_ids if eos_token_ids is None else eos_token_ids)
     generator = None
     if not sampling.greedy:
@@ -128,6 +130,8 @@ def generate(
 
     emitted, accepted_lengths = [first], []
     finish = "eos" if first in eos else ("length" if max_new_tokens == 1 else "")
+    if on_tokens is not None and on_tokens([first]) and not finish:
+        finish = "stopped"
     t_decode = clock.now()
     if not finish:
         t = clock.now()
@@ -160,6 +164,8 @@ def generate(
             if finish:
                 break
         accepted_lengths.append(len(emitted) - before)  # tokens cut by a stop do not count
+        if on_tokens is not None and on_tokens(emitted[before:]) and not finish:
+            finish = "stopped"
         if finish:
             break
         t = clock.now()
