@@ -59,7 +59,61 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--out", required=True, help="output directory")
     init.add_argument("--seed", type=int, default=0)
     init.add_argument("--mode", default="sparrow", choices=["sparrow", "eagle"])
+
+    serve = sub.add_parser("serve", help="serve the OpenAI chat completions API (video chat)")
+    _add_target(serve)
+    _add_decoding(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--model-name", help="model id clients send (default: the --target value)")
+    serve.add_argument("--media-root", action="append", default=[], metavar="DIR",
+                       help="allow local video paths under DIR (repeatable; default: uploads only)")
+    serve.add_argument("--api-key", default=os.environ.get("SPARROW_API_KEY"),
+                       help="require Authorization: Bearer KEY (default: $SPARROW_API_KEY)")
+    serve.add_argument("--max-queue", type=int, default=64, help="waiting requests before 429")
+    serve.add_argument("--num-frames", type=int, default=8,
+                       help="frames sampled when a request does not say (default 8)")
+    serve.add_argument("--max-frames", type=int, default=64)
+    serve.add_argument("--max-visual-tokens", type=int, default=16384)
+    serve.add_argument("--max-tokens", type=int, default=1024,
+                       help="the most tokens a request may ask for (and the default)")
+    serve.add_argument("--timeout", type=float, default=300.0, help="seconds per request")
+    serve.add_argument("--max-upload-mb", type=float, default=64.0, help="request body limit")
+
+    chat = sub.add_parser("chat", help="chat about a video in the terminal (questions on stdin)")
+    _add_target(chat)
+    _add_decoding(chat)
+    chat.add_argument("--video", help="video file")
+    chat.add_argument("--num-frames", type=int, default=None, help="frames (default 8)")
+    chat.add_argument("--fps", type=float, default=None)
+    chat.add_argument("--max-new-tokens", type=int, default=256)
+    chat.add_argument("--temperature", type=float, default=0.0)
+    chat.add_argument("--top-p", type=float, default=1.0)
+    chat.add_argument("--seed", type=int, default=None)
     return parser
+
+
+def _add_decoding(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--draft", help="draft checkpoint directory (needed by sparrow/eagle)")
+    parser.add_argument("--method", default=None, choices=["ar", "sparrow", "eagle"],
+                        help="decoding method (default: sparrow with --draft, else ar)")
+    parser.add_argument("--tree", default="30-4-8", help="draft tree total_tokens-depth-top_k")
+
+
+def _load_models(args: argparse.Namespace):
+    """(target, draft or None, method, tree) for serve and chat."""
+    from sparrow.decoding.tree import TreeSpec
+    from sparrow.draft import load_draft
+    from sparrow.errors import ConfigError
+    from sparrow.targets import load_target
+
+    method = args.method or ("sparrow" if args.draft else "ar")
+    tree = TreeSpec.parse(args.tree)
+    if method != "ar" and not args.draft:
+        raise ConfigError(f"--method {method} needs --draft DIR (create one with draft-init)")
+    target = load_target(args.target, dtype=_dtype(args.dtype), device=args.device)
+    draft = load_draft(args.draft, target, mode=method) if method != "ar" else None
+    return target, draft, method, tree
 
 
 def _dtype(name: str):
@@ -117,7 +171,59 @@ def cmd_draft_init(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"generate": cmd_generate, "draft-init": cmd_draft_init}
+def cmd_serve(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from sparrow.errors import ConfigError
+    from sparrow.serve.app import ServeSettings, create_app
+    from sparrow.serve.engine import Engine
+    from sparrow.serve.server import serve
+
+    for root in args.media_root:
+        if not os.path.isdir(root):
+            raise ConfigError(f"--media-root {root}: not a directory")
+    for name in ("max_queue", "num_frames", "max_frames", "max_visual_tokens", "max_tokens"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
+    if args.timeout <= 0 or args.max_upload_mb <= 0:
+        raise ConfigError("--timeout and --max-upload-mb must be positive")
+    target, draft, method, tree = _load_models(args)
+    settings = ServeSettings(
+        model_id=args.model_name or args.target,
+        media_roots=[Path(root).resolve() for root in args.media_root],
+        api_key=args.api_key or None, num_frames=args.num_frames, max_frames=args.max_frames,
+        max_visual_tokens=args.max_visual_tokens, max_tokens=args.max_tokens,
+        timeout_s=args.timeout, max_upload_bytes=int(args.max_upload_mb * 2**20),
+    )
+    engine = Engine(target, draft, method=method, tree=tree, max_queue=args.max_queue)
+    print(f"sparrow serve: {settings.model_id} ({method}) on http://{args.host}:{args.port}/v1",
+          file=sys.stderr)
+    serve(create_app(engine, settings), args.host, args.port)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from sparrow.api import prepare_video
+    from sparrow.decoding.sampling import SamplingParams
+    from sparrow.errors import ConfigError
+    from sparrow.serve.chat import chat
+
+    if args.num_frames is not None and args.fps is not None:
+        raise ConfigError("give --num-frames or --fps, not both")
+    if args.video is not None and not os.path.isfile(args.video):
+        raise SparrowError(f"--video {args.video}: file not found; check the path")
+    sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    target, draft, method, tree = _load_models(args)
+    video = None
+    if args.video is not None:
+        video = prepare_video(target, args.video, num_frames=args.num_frames, fps=args.fps)
+    chat(target, video, method=method, draft=draft, tree=tree,
+         max_new_tokens=args.max_new_tokens, sampling=sampling)
+    return 0
+
+
+COMMANDS = {"generate": cmd_generate, "draft-init": cmd_draft_init, "serve": cmd_serve,
+            "chat": cmd_chat}
 
 
 def main(argv: list[str] | None = None) -> int:

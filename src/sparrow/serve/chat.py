@@ -1,0 +1,74 @@
+"""`sparrow chat`: an interactive conversation about one video in the terminal.
+
+Questions come from stdin, one a line, until end of input or `/quit`; each answer streams as
+the target emits it, then a line with tau and timings. Follow-up questions see the whole
+conversation (rendered through the chat template). The video's prefill is paid again for each
+question until the video prefix cache lands (issue 4, point 2).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import TextIO
+
+from sparrow.decoding.generate import generate
+from sparrow.decoding.sampling import SamplingParams
+from sparrow.decoding.tree import TreeSpec
+from sparrow.draft import DraftModel
+from sparrow.serve.prompt import VIDEO_PART, Detokenizer, render_chat
+from sparrow.targets import TargetAdapter
+from sparrow.video.processing import VideoInputs
+
+QUIT = "/quit"
+
+
+def chat(
+    target: TargetAdapter,
+    video: VideoInputs | None,
+    *,
+    method: str = "ar",
+    draft: DraftModel | None = None,
+    tree: TreeSpec | str = "30-4-8",
+    max_new_tokens: int = 256,
+    sampling: SamplingParams | None = None,
+    system: str | None = None,
+    stdin: TextIO = sys.stdin,
+    stdout: TextIO = sys.stdout,
+    stderr: TextIO = sys.stderr,
+) -> list[dict]:
+    """Run the conversation; returns its messages (template form, answers included)."""
+    sampling = sampling or SamplingParams()
+    messages: list[dict] = [] if system is None else [{"role": "system", "content": system}]
+    interactive = stdin.isatty()
+    while True:
+        if interactive:
+            stdout.write("you> ")
+            stdout.flush()
+        line = stdin.readline()
+        if not line or line.strip() == QUIT:
+            break
+        question = line.strip()
+        if not question:
+            continue
+        first_turn = not any(m["role"] == "user" for m in messages)
+        parts = ([VIDEO_PART] if video is not None and first_turn else [])
+        messages.append({"role": "user", "content": parts + [{"type": "text", "text": question}]})
+        input_ids = render_chat(target.tokenizer, target.config, messages, video)
+        detokenizer = Detokenizer(target.tokenizer)
+
+        def show(tokens: list[int], detokenizer=detokenizer) -> bool:
+            stdout.write(detokenizer.add(tokens))
+            stdout.flush()
+            return False
+
+        result = generate(target, input_ids, video, method=method, draft=draft, tree=tree,
+                          max_new_tokens=max_new_tokens, sampling=sampling, on_tokens=show)
+        stdout.write(detokenizer.finish() + "\n")
+        stdout.flush()
+        answer = target.tokenizer.decode(result.token_ids, skip_special_tokens=True)
+        messages.append({"role": "assistant", "content": answer})
+        t = result.timings
+        print(f"[{method}] tau {result.tau:.2f}, {len(result.token_ids)} tokens, "
+              f"{result.target_calls} target calls, prefill {t.prefill_s:.2f}s, "
+              f"decode {t.decode_s:.2f}s", file=stderr, flush=True)
+    return messages

@@ -1,0 +1,161 @@
+"""One generation at a time, on one worker thread, fed by a bounded FIFO queue.
+
+The target and the draft hold one KV cache each, so generations cannot overlap: requests wait
+in arrival order (fair: first come, first served) and a full queue is refused at once (429).
+A job reports through its `sink` (called on the worker thread): ("tokens", list[int]) as each
+target call emits them, then exactly one of ("done", GenerationResult), ("timeout", None),
+("cancelled", None) or ("error", exception). Setting `job.cancel` (client gone) or passing
+`job.deadline` stops the generation at its next target call.
+
+Extension point: a video prefix cache (issue 4, point 2) belongs in `Engine._generate`: the
+job carries `video_key` (content hash + frame settings), the key such a cache would look up
+before prefilling the video and the prompt prefix.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from sparrow.decoding.generate import generate
+from sparrow.decoding.sampling import SamplingParams
+from sparrow.decoding.tree import TreeSpec
+from sparrow.draft import DraftModel
+from sparrow.errors import SparrowError
+from sparrow.targets import TargetAdapter
+from sparrow.video.processing import VideoInputs
+
+log = logging.getLogger("sparrow.serve")
+
+
+class QueueFull(Exception):
+    """The request queue is at its bound."""
+
+
+@dataclass
+class GenerationJob:
+    input_ids: torch.Tensor  # (1, L) prompt ids, visual placeholders expanded
+    video: VideoInputs | None
+    max_new_tokens: int
+    sampling: SamplingParams
+    deadline: float  # time.monotonic() after which the job stops (timeout)
+    sink: Callable[[str, object], None]
+    video_key: str | None = None  # sha256 of the video + frame settings (prefix-cache key)
+    cancel: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass
+class EngineStats:
+    completed: int = 0
+    cancelled: int = 0
+    timed_out: int = 0
+    failed: int = 0
+    rejected: int = 0  # queue full
+
+
+class Engine:
+    """The single worker. `generate_fn` defaults to sparrow's decoding loop (tests inject a
+    scripted one to control timing)."""
+
+    def __init__(
+        self,
+        target: TargetAdapter,
+        draft: DraftModel | None = None,
+        method: str = "ar",
+        tree: TreeSpec | str = "30-4-8",
+        max_queue: int = 64,
+        generate_fn: Callable = generate,
+    ):
+        self.target, self.draft, self.method = target, draft, method
+        self.tree = TreeSpec.parse(tree) if isinstance(tree, str) else tree
+        self.generate_fn = generate_fn
+        self.stats = EngineStats()
+        self._queue: queue.Queue[GenerationJob | None] = queue.Queue(maxsize=max_queue)
+        self._thread = threading.Thread(target=self._loop, name="sparrow-engine", daemon=True)
+        self.busy = False
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Finish the running job, drop the waiting ones (as cancelled), end the thread."""
+        while True:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None:
+                job.sink("cancelled", None)
+        self._queue.put(None)
+        self._thread.join(timeout)
+
+    @property
+    def queued(self) -> int:
+        return self._queue.qsize()
+
+    def submit(self, job: GenerationJob) -> None:
+        try:
+            self._queue.put_nowait(job)
+        except queue.Full:
+            self.stats.rejected += 1
+            raise QueueFull from None
+
+    def _loop(self) -> None:
+        while (job := self._queue.get()) is not None:
+            self.busy = True
+            try:
+                self._run(job)
+            finally:
+                self.busy = False
+
+    def _run(self, job: GenerationJob) -> None:
+        if job.cancel.is_set():
+            self.stats.cancelled += 1
+            job.sink("cancelled", None)
+            return
+        if time.monotonic() >= job.deadline:
+            self.stats.timed_out += 1
+            job.sink("timeout", None)
+            return
+
+        def on_tokens(tokens: list[int]) -> bool:
+            job.sink("tokens", tokens)
+            return job.cancel.is_set() or time.monotonic() >= job.deadline
+
+        try:
+            result = self._generate(job, on_tokens)
+        except Exception as error:  # reported to the client; the worker keeps serving
+            if not isinstance(error, SparrowError):
+                log.exception("generation failed")
+            self.stats.failed += 1
+            job.sink("error", error)
+            return
+        if result.finish_reason == "stopped":
+            if job.cancel.is_set():
+                self.stats.cancelled += 1
+                job.sink("cancelled", None)
+            else:
+                self.stats.timed_out += 1
+                job.sink("timeout", None)
+            return
+        self.stats.completed += 1
+        job.sink("done", result)
+
+    def _generate(self, job: GenerationJob, on_tokens):
+        return self.generate_fn(
+            self.target,
+            job.input_ids,
+            job.video,
+            method=self.method,
+            draft=self.draft,
+            tree=self.tree,
+            max_new_tokens=job.max_new_tokens,
+            sampling=job.sampling,
+            on_tokens=on_tokens,
+        )

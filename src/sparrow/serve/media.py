@@ -1,0 +1,85 @@
+"""Where the video of a request may come from.
+
+A video part's url is a data URL (`data:video/mp4;base64,...`, always allowed: an upload) or a
+local path (`file:///abs/path` or a plain path). Local paths are allowed only inside the
+directories given with --media-root (none by default): the path is resolved (symlinks and `..`
+included) and refused with the same 403 message whether or not the file exists, so a client
+learns nothing about files outside the roots. Relative paths are taken from the first root.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+from sparrow.errors import SparrowError
+
+FORBIDDEN = "video path is outside the server's media roots (see sparrow serve --media-root)"
+
+
+class MediaError(SparrowError):
+    """A video reference the server refuses; `status` is the HTTP status to answer with."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+def resolve_local(reference: str, media_roots: list[Path]) -> Path:
+    """The real path of a local video reference, if it lies inside a media root."""
+    if not media_roots:
+        raise MediaError(FORBIDDEN, 403)
+    path = unquote(urlparse(reference).path) if reference.startswith("file://") else reference
+    if "\x00" in path:
+        raise MediaError(FORBIDDEN, 403)
+    candidate = Path(path) if os.path.isabs(path) else media_roots[0] / path
+    real = Path(os.path.realpath(candidate))
+    if not any(real.is_relative_to(os.path.realpath(root)) for root in media_roots):
+        raise MediaError(FORBIDDEN, 403)
+    if not real.is_file():
+        raise MediaError(f"video file not found: {reference}", 400)
+    return real
+
+
+@contextmanager
+def video_file(reference: str, media_roots: list[Path], max_bytes: int):
+    """Yield (path, sha256 hex) of the video a url names; a data URL lives in a temporary
+    file for the duration of the block."""
+    if reference.startswith("data:"):
+        header, sep, payload = reference.partition(",")
+        if not sep or not header.endswith(";base64"):
+            raise MediaError("a video data URL must look like data:video/mp4;base64,<data>")
+        mime = header[len("data:"):-len(";base64")]
+        if not (mime.startswith("video/") or mime in ("application/octet-stream", "")):
+            raise MediaError(f"data URL type {mime!r} is not a video (use video/mp4, video/webm, ...)")
+        try:
+            data = base64.b64decode(payload, validate=True)
+        except (binascii.Error, ValueError) as error:
+            raise MediaError(f"the video data URL is not valid base64 ({error})") from error
+        if len(data) > max_bytes:
+            raise MediaError(f"the uploaded video is over the {max_bytes} byte limit", 413)
+        with tempfile.TemporaryDirectory(prefix="sparrow-upload-") as tmp:
+            path = Path(tmp) / "upload.video"
+            path.write_bytes(data)
+            yield path, hashlib.sha256(data).hexdigest()
+        return
+    if urlparse(reference).scheme not in ("", "file"):
+        raise MediaError(
+            "video url must be a data: URL or a local path (file:///...); remote urls are not fetched"
+        )
+    path = resolve_local(reference, media_roots)
+    yield path, _file_hash(path)
+
+
+def _file_hash(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
