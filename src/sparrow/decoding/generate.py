@@ -93,6 +93,7 @@ def generate(
     eos_token_ids: list[int] | None = None,
     proposer=None,
     on_tokens=None,
+    prefix=None,
 ) -> GenerationResult:
     """Generate an answer to `input_ids` (1, L) (+ `video`, a VideoInputs) with `method`.
 
@@ -100,6 +101,8 @@ def generate(
     `cache_length`, see drafter.py): the extension point for other drafting strategies.
     `on_tokens(list[int])` is called with the tokens each target call emits, as they come
     (streaming); returning True from it stops generation (finish_reason "stopped").
+    `prefix` (a PrefixState from `target.snapshot()`) skips prefilling the part of the prompt
+    it covers, video included; `target.snapshot()` after this call keeps this prompt.
     """
     if method not in METHODS:
         raise ConfigError(f"--method {method!r}: choose one of {', '.join(METHODS)}")
@@ -124,7 +127,9 @@ def generate(
     clock = _Clock(target.device)
     timings = Timings()
     t0 = clock.now()
-    prefill = target.prefill(input_ids, video, capacity=max_new_tokens + tree.total_tokens + 1)
+    prefill = target.prefill(
+        input_ids, video, capacity=max_new_tokens + tree.total_tokens + 1, prefix=prefix
+    )
     first = _pick(prefill.logits, sampling, generator)
     timings.prefill_s = clock.now() - t0
 

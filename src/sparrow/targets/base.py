@@ -17,6 +17,7 @@ norm: the feature that feeds lm_head, which is what the draft consumes.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,34 @@ class PrefillOutput:
     visual_mask: torch.Tensor  # (L,) bool: True at visual-token positions
     input_ids: torch.Tensor  # (L,) int64: the prompt, placeholders included
     mid_hidden: torch.Tensor | None = None  # (L, d): output of layer `mid_layer`, if asked
+
+
+@dataclass
+class PrefixState:
+    """A prompt's prefilled state, kept to answer a later prompt that starts the same way
+    (a follow-up question about the same video) without prefilling the video again."""
+
+    input_ids: torch.Tensor  # (P,) int64
+    keys: list[torch.Tensor]  # per layer (1, kv_heads, P, head_dim)
+    values: list[torch.Tensor]  # per layer (1, kv_heads, P, head_dim)
+    hidden: torch.Tensor  # (P, d) last hidden states (what the draft is started from)
+    visual_mask: torch.Tensor  # (P,) bool
+    position_offset: int  # rotary position of cache slot i is i + position_offset
+    video_fingerprint: str | None = None  # content hash of the video's pixel inputs
+
+    def nbytes(self) -> int:
+        tensors = [*self.keys, *self.values, self.hidden, self.input_ids, self.visual_mask]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def common_length(self, input_ids: torch.Tensor) -> int:
+        """Length of the common prefix of `input_ids` (L,) and this state's prompt, at most
+        L - 1 (the last prompt token must run: its logits choose the first answer token)."""
+        ids = input_ids.reshape(-1).to(self.input_ids.device)
+        n = min(ids.shape[0] - 1, self.input_ids.shape[0])
+        if n <= 0:
+            return 0
+        differs = (ids[:n] != self.input_ids[:n]).nonzero()
+        return int(differs[0]) if differs.numel() else n
 
 
 @dataclass
@@ -77,6 +106,8 @@ class TargetAdapter:
         )
         self.cache: StaticKVCache | None = None
         self.position_offset = 0  # rotary position of cache slot i is i + position_offset
+        self.prompt: PrefillOutput | None = None  # the last prefilled prompt
+        self._prompt_video: str | None = None  # fingerprint of its video
 
     # ---- family hooks -------------------------------------------------------------------
     def video_token_id(self) -> int:
@@ -137,14 +168,30 @@ class TargetAdapter:
         video: VideoInputs | None = None,
         capacity: int = 0,
         mid_layer: int | None = None,
+        prefix: PrefixState | None = None,
     ) -> PrefillOutput:
         """Run the prompt (with its video) through the target into a fresh cache.
 
         input_ids: (1, L) or (L,). `capacity` extra cache slots are reserved for generated and
         tree tokens. `mid_layer` m asks for the hidden state after m decoder layers (training).
+        `prefix`: a state from `snapshot()`; when it covers the start of this prompt (video
+        included), only the rest of the prompt runs, over a copy of its cached keys/values.
+        Pass the video too when you have it: a prefix made from other pixels is then refused
+        (without the video, the caller vouches that the prefix holds the same one).
         """
         input_ids = input_ids.reshape(1, -1).to(self.device)
         length = input_ids.shape[1]
+        if prefix is not None:
+            reused = prefix.common_length(input_ids[0])
+            visual = (input_ids[0] == self.video_token_id()).nonzero()
+            if visual.numel() and int(visual[-1]) >= reused:
+                reused = 0  # the video itself differs or is not all cached: prefill it all
+            if video is not None and video_fingerprint(video) != prefix.video_fingerprint:
+                reused = 0  # same token layout, other pixels
+            if reused:
+                if mid_layer is not None:
+                    raise ValueError("mid_layer needs a full prefill; do not pass a prefix")
+                return self._prefill_from(prefix, reused, input_ids, capacity)
         self.cache = StaticKVCache(self.num_layers, length + capacity)
         position_ids, self.position_offset = self._prompt_positions(input_ids, video)
         mid: dict[str, torch.Tensor] = {}
@@ -167,12 +214,50 @@ class TargetAdapter:
         hidden = out.last_hidden_state[0]  # (L, d)
         logits = self.lm_head(hidden[-1:]).float()[0]  # (V,)
         video_id = self.video_token_id()
-        return PrefillOutput(
+        self.prompt = PrefillOutput(
             logits=logits,
             hidden=hidden,
             visual_mask=(input_ids[0] == video_id),
             input_ids=input_ids[0],
             mid_hidden=mid.get("hidden"),
+        )
+        self._prompt_video = None if video is None else video_fingerprint(video)
+        return self.prompt
+
+    def _prefill_from(
+        self, prefix: PrefixState, reused: int, input_ids: torch.Tensor, capacity: int
+    ) -> PrefillOutput:
+        """Restore the first `reused` prompt positions from `prefix`, run the rest."""
+        length = input_ids.shape[1]
+        self.cache = StaticKVCache(self.num_layers, length + capacity)
+        for layer, keys, values in zip(self.cache.layers, prefix.keys, prefix.values, strict=True):
+            layer.lazy_initialization(keys, values)
+            layer.update(keys[:, :, :reused], values[:, :, :reused])
+        self.position_offset = prefix.position_offset
+        rest = self.forward(input_ids[0, reused:])  # causal over the restored prefix
+        self._prompt_video = prefix.video_fingerprint
+        self.prompt = PrefillOutput(
+            logits=rest.logits[-1],
+            hidden=torch.cat([prefix.hidden[:reused], rest.hidden]),
+            visual_mask=input_ids[0] == self.video_token_id(),
+            input_ids=input_ids[0],
+        )
+        return self.prompt
+
+    def snapshot(self) -> PrefixState:
+        """A copy of the last prompt's prefilled state (call after prefill or generate: the
+        prompt's cache slots are never overwritten by decoding)."""
+        if self.prompt is None:
+            raise RuntimeError("snapshot() needs a prefill first")
+        length = self.prompt.input_ids.shape[0]
+        return PrefixState(
+            input_ids=self.prompt.input_ids.clone(),
+            keys=[layer.key_buffer[:, :, :length].clone() for layer in self.cache.layers],
+            values=[layer.value_buffer[:, :, :length].clone() for layer in self.cache.layers],
+            hidden=self.prompt.hidden.clone(),
+            visual_mask=self.prompt.visual_mask.clone(),
+            position_offset=self.position_offset,
+            video_fingerprint=self._prompt_video,
         )
 
     def _capture_layer_output(self, mid_layer: int, store: dict):
@@ -230,6 +315,15 @@ class TargetAdapter:
 
     def truncate(self, length: int) -> None:
         self.cache.truncate(length)
+
+
+def video_fingerprint(video: VideoInputs) -> str:
+    """Content hash of a video's model inputs (pixels and grid), for prefix reuse."""
+    digest = hashlib.blake2b(digest_size=16)
+    for key, value in sorted(video.model_kwargs().items()):
+        digest.update(key.encode())
+        digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def read_processor_config(directory: Path) -> dict | None:
