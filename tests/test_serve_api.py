@@ -15,6 +15,8 @@ import pytest
 import requests
 
 import sparrow
+from sparrow.serve.prefix_cache import PrefixCache
+from sparrow.serve.prompt import render_chat
 from sparrow.serve.testing import serving
 
 TREE = "10-3-4"
@@ -45,7 +47,8 @@ def media(tmp_path_factory, video_file):
 def server(models, media):
     target, draft = models
     with serving(target, draft, method="sparrow", tree=TREE, media_roots=[media[0]],
-                 max_tokens=64, max_frames=16, max_visual_tokens=12) as (url, engine):
+                 max_tokens=64, max_frames=16, max_visual_tokens=12,
+                 prefix_cache=PrefixCache(256 * 2**20)) as (url, engine):
         yield url, engine
 
 
@@ -264,3 +267,35 @@ def test_load_8_clients_x_5_requests_all_correct(server, models, media, capsys):
         print(f"\nload test: 40 requests (8 clients x 5), wall {wall:.2f} s, "
               f"p50 {statistics.median(latencies):.3f} s, p95 {q[18]:.3f} s, "
               f"max {max(latencies):.3f} s")
+
+
+def test_follow_up_questions_reuse_the_video_prefill(server, models, media):
+    """A second question about the same video (a new conversation, then the same one) is
+    answered from the cached video prefill, and exactly as a cold `answer`."""
+    url, engine = server
+    video = media[1][0]
+    chat = client(url)
+    first = chat.chat.completions.create(
+        model="tiny", messages=[video_message("Count the shapes.", video)], max_tokens=MAX_TOKENS)
+    hits = engine.prefix_cache.stats.hits
+    second = chat.chat.completions.create(
+        model="tiny", messages=[video_message("Which way does it move?", video)],
+        max_tokens=MAX_TOKENS)
+    assert engine.prefix_cache.stats.hits == hits + 1
+    expected = reference(models, "Which way does it move?", video)
+    assert second.model_extra["sparrow"]["token_ids"] == expected.result.token_ids
+    messages = [video_message("Count the shapes.", video),
+                {"role": "assistant", "content": first.choices[0].message.content},
+                {"role": "user", "content": "And the colours?"}]
+    follow_up = chat.chat.completions.create(model="tiny", max_tokens=MAX_TOKENS,
+                                             messages=messages)
+    assert engine.prefix_cache.stats.hits == hits + 2
+    target, draft = models
+    inputs = sparrow.prepare_video(target, video, num_frames=8)
+    template = [{"role": m["role"], "content": m["content"] if isinstance(m["content"], str)
+                 else [{"type": "video"}, {"type": "text", "text": "Count the shapes."}]}
+                for m in messages]
+    cold = sparrow.generate(target, render_chat(target.tokenizer, target.config, template, inputs),
+                            inputs, method="sparrow", draft=draft, tree=TREE,
+                            max_new_tokens=MAX_TOKENS)
+    assert follow_up.model_extra["sparrow"]["token_ids"] == cold.token_ids

@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-key", default=os.environ.get("SPARROW_API_KEY"),
                        help="require Authorization: Bearer KEY (default: $SPARROW_API_KEY)")
     serve.add_argument("--max-queue", type=int, default=64, help="waiting requests before 429")
+    serve.add_argument("--prefix-cache-mb", type=float, default=4096,
+                       help="memory for prefilled video prompts reused by follow-up questions "
+                       "(least recently used dropped first; 0 = off; default 4096)")
     serve.add_argument("--num-frames", type=int, default=8,
                        help="frames sampled when a request does not say (default 8)")
     serve.add_argument("--max-frames", type=int, default=64)
@@ -177,6 +180,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from sparrow.errors import ConfigError
     from sparrow.serve.app import ServeSettings, create_app
     from sparrow.serve.engine import Engine
+    from sparrow.serve.prefix_cache import PrefixCache
     from sparrow.serve.server import serve
 
     for root in args.media_root:
@@ -195,7 +199,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_visual_tokens=args.max_visual_tokens, max_tokens=args.max_tokens,
         timeout_s=args.timeout, max_upload_bytes=int(args.max_upload_mb * 2**20),
     )
-    engine = Engine(target, draft, method=method, tree=tree, max_queue=args.max_queue)
+    if args.prefix_cache_mb < 0:
+        raise ConfigError(f"--prefix-cache-mb {args.prefix_cache_mb}: must be >= 0 (0 = off)")
+    prefix_cache = PrefixCache(int(args.prefix_cache_mb * 2**20)) if args.prefix_cache_mb else None
+    engine = Engine(target, draft, method=method, tree=tree, max_queue=args.max_queue,
+                    prefix_cache=prefix_cache)
     print(f"sparrow serve: {settings.model_id} ({method}) on http://{args.host}:{args.port}/v1",
           file=sys.stderr)
     serve(create_app(engine, settings), args.host, args.port)

@@ -2,8 +2,8 @@
 
 Questions come from stdin, one a line, until end of input or `/quit`; each answer streams as
 the target emits it, then a line with tau and timings. Follow-up questions see the whole
-conversation (rendered through the chat template). The video's prefill is paid again for each
-question until the video prefix cache lands (issue 4, point 2).
+conversation (rendered through the chat template); each question reuses the previous
+prompt's prefilled state, so the video's prefill is paid once, by the first question.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ def chat(
     """Run the conversation; returns its messages (template form, answers included)."""
     sampling = sampling or SamplingParams()
     messages: list[dict] = [] if system is None else [{"role": "system", "content": system}]
+    prefix = None  # the last prompt's prefilled state (see TargetAdapter.snapshot)
     interactive = stdin.isatty()
     while True:
         if interactive:
@@ -62,7 +63,9 @@ def chat(
             return False
 
         result = generate(target, input_ids, video, method=method, draft=draft, tree=tree,
-                          max_new_tokens=max_new_tokens, sampling=sampling, on_tokens=show)
+                          max_new_tokens=max_new_tokens, sampling=sampling, on_tokens=show,
+                          prefix=prefix)
+        prefix = target.snapshot()  # the next question starts with this whole prompt
         stdout.write(detokenizer.finish() + "\n")
         stdout.flush()
         answer = target.tokenizer.decode(result.token_ids, skip_special_tokens=True)

@@ -7,9 +7,9 @@ target call emits them, then exactly one of ("done", GenerationResult), ("timeou
 ("cancelled", None) or ("error", exception). Setting `job.cancel` (client gone) or passing
 `job.deadline` stops the generation at its next target call.
 
-Extension point: a video prefix cache (issue 4, point 2) belongs in `Engine._generate`: the
-job carries `video_key` (content hash + frame settings), the key such a cache would look up
-before prefilling the video and the prompt prefix.
+With a `PrefixCache`, a job with a video looks up its `video_key` (content hash + frame
+settings) first: a hit prefills only the part of the prompt after the cached one (a follow-up
+question pays no video prefill); afterwards the job's own prompt state is stored.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from sparrow.decoding.sampling import SamplingParams
 from sparrow.decoding.tree import TreeSpec
 from sparrow.draft import DraftModel
 from sparrow.errors import SparrowError
+from sparrow.serve.prefix_cache import PrefixCache
 from sparrow.targets import TargetAdapter
 from sparrow.video.processing import VideoInputs
 
@@ -71,8 +72,10 @@ class Engine:
         tree: TreeSpec | str = "30-4-8",
         max_queue: int = 64,
         generate_fn: Callable = generate,
+        prefix_cache: PrefixCache | None = None,
     ):
         self.target, self.draft, self.method = target, draft, method
+        self.prefix_cache = prefix_cache
         self.tree = TreeSpec.parse(tree) if isinstance(tree, str) else tree
         self.generate_fn = generate_fn
         self.stats = EngineStats()
@@ -148,7 +151,11 @@ class Engine:
         job.sink("done", result)
 
     def _generate(self, job: GenerationJob, on_tokens):
-        return self.generate_fn(
+        caching = self.prefix_cache is not None and job.video_key is not None
+        extra = {}
+        if caching and (prefix := self.prefix_cache.get(job.video_key)) is not None:
+            extra["prefix"] = prefix
+        result = self.generate_fn(
             self.target,
             job.input_ids,
             job.video,
@@ -158,4 +165,8 @@ class Engine:
             max_new_tokens=job.max_new_tokens,
             sampling=job.sampling,
             on_tokens=on_tokens,
+            **extra,
         )
+        if caching:
+            self.prefix_cache.put(job.video_key, self.target.snapshot())
+        return result

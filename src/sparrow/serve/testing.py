@@ -16,11 +16,12 @@ from sparrow.serve.server import BackgroundServer
 
 @contextmanager
 def serving(target, draft=None, *, method: str = "ar", tree="10-3-4", max_queue: int = 64,
-            generate_fn=None, **settings):
+            generate_fn=None, prefix_cache=None, **settings):
     """Serve `target` on 127.0.0.1 at a free port; yields (base url, engine)."""
     settings.setdefault("model_id", "tiny")
     kwargs = {} if generate_fn is None else {"generate_fn": generate_fn}
-    engine = Engine(target, draft, method=method, tree=tree, max_queue=max_queue, **kwargs)
+    engine = Engine(target, draft, method=method, tree=tree, max_queue=max_queue,
+                    prefix_cache=prefix_cache, **kwargs)
     with BackgroundServer(create_app(engine, ServeSettings(**settings))) as server:
         yield server.url, engine
 
