@@ -16,8 +16,8 @@ import requests
 
 import sparrow
 from sparrow.serve.prefix_cache import PrefixCache
-from sparrow.serve.prompt import render_chat
 from sparrow.serve.testing import serving
+from sparrow.video.prompt import render_chat
 
 TREE = "10-3-4"
 MAX_TOKENS = 24

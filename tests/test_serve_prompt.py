@@ -6,8 +6,8 @@ import pytest
 
 from sparrow.api import prepare_video
 from sparrow.errors import ConfigError
-from sparrow.serve.prompt import VIDEO_PART, Detokenizer, render_chat
-from sparrow.video.prompt import build_video_prompt, video_token_id
+from sparrow.serve.prompt import Detokenizer
+from sparrow.video.prompt import VIDEO_PART, build_video_prompt, render_chat, video_token_id
 
 
 def _user(question: str, with_video: bool) -> dict:

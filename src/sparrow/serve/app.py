@@ -33,10 +33,11 @@ from sparrow.decoding.sampling import SamplingParams
 from sparrow.errors import SparrowError
 from sparrow.serve.engine import Engine, GenerationJob, QueueFull
 from sparrow.serve.media import MediaError, video_file
-from sparrow.serve.prompt import VIDEO_PART, Detokenizer, render_chat
+from sparrow.serve.prompt import Detokenizer
 from sparrow.serve.schemas import ChatCompletionRequest
 from sparrow.video.io import read_video
 from sparrow.video.processing import count_visual_tokens, preprocess_video
+from sparrow.video.prompt import VIDEO_PART, render_chat
 
 ERROR_TYPES = {
     400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",

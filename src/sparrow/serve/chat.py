@@ -15,9 +15,10 @@ from sparrow.decoding.generate import generate
 from sparrow.decoding.sampling import SamplingParams
 from sparrow.decoding.tree import TreeSpec
 from sparrow.draft import DraftModel
-from sparrow.serve.prompt import VIDEO_PART, Detokenizer, render_chat
+from sparrow.serve.prompt import Detokenizer
 from sparrow.targets import TargetAdapter
 from sparrow.video.processing import VideoInputs
+from sparrow.video.prompt import VIDEO_PART, render_chat
 
 QUIT = "/quit"
 

@@ -22,6 +22,8 @@ import torch
 from sparrow.errors import ConfigError
 from sparrow.video.processing import QWEN_FAMILIES, VideoInputs, model_family
 
+VIDEO_PART = {"type": "video"}  # a conversation's video content part (template form)
+
 TEXT_TOKEN_TYPE = 0
 VIDEO_TOKEN_TYPE = 2
 
@@ -50,20 +52,53 @@ def build_video_prompt(
     Uses `chat_template` if given (e.g. a processor's chat_template.json), else the tokenizer's;
     without either, a plain "placeholder\\nquestion" prompt. `video=None` gives a text-only prompt.
     """
+    content = ([VIDEO_PART] if video is not None else []) + [{"type": "text", "text": question}]
+    messages = [{"role": "user", "content": content}]
+    if system is not None:
+        messages.insert(0, {"role": "system", "content": system})
+    return render_chat(tokenizer, model_config, messages, video, chat_template)
+
+
+def render_chat(
+    tokenizer,
+    model_config,
+    messages: list[dict],
+    video: VideoInputs | None,
+    chat_template: str | None = None,
+) -> torch.Tensor:
+    """Input ids (1, L) of `messages` plus the generation prompt.
+
+    `messages` use the template form: {"role": ..., "content": str or a list of
+    {"type": "text", "text": ...} / {"type": "video"} parts}; at most one video part, and
+    `video` holds its frames (None when there is no video part).
+    """
     family = model_family(model_config)
     placeholder_id = video_token_id(model_config)
-    text = _render(
-        tokenizer, model_config, family, video is not None, question, system, chat_template
+    video_parts = sum(
+        1 for m in messages if not isinstance(m["content"], str) for p in m["content"] if p == VIDEO_PART
     )
+    if video_parts != (0 if video is None else 1):
+        raise ConfigError(f"the conversation holds {video_parts} video parts; give at most one video")
+    template = chat_template or getattr(tokenizer, "chat_template", None)
+    if template:
+        text = tokenizer.apply_chat_template(
+            messages, chat_template=template, tokenize=False, add_generation_prompt=True
+        )
+    else:  # build_video_prompt's plain form: the turns' contents, one per line
+        placeholder = _placeholder_text(tokenizer, model_config, family)
+        pieces = []
+        for message in messages:
+            content = message["content"]
+            parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
+            pieces += [placeholder if p == VIDEO_PART else p["text"] for p in parts]
+        text = "\n".join(pieces)
     bos = tokenizer.bos_token
     ids = tokenizer(text, add_special_tokens=not (bos and text.startswith(bos)))["input_ids"]
-
     found = ids.count(placeholder_id)
-    expected = 0 if video is None else 1
-    if found != expected:
+    if found != video_parts:
         raise ConfigError(
-            f"the prompt holds {found} video placeholder tokens, expected {expected}; "
-            "check the chat template and keep the video token out of the question"
+            f"the prompt holds {found} video placeholder tokens, expected {video_parts}; "
+            "keep the model's video token out of the text"
         )
     if video is not None:
         at = ids.index(placeholder_id)
@@ -91,31 +126,6 @@ def qwen3_group_timestamps(frame_timestamps: list[float], temporal_patch_size: i
         (times[i] + times[i + temporal_patch_size - 1]) / 2
         for i in range(0, len(times), temporal_patch_size)
     ]
-
-
-def _render(
-    tokenizer,
-    model_config,
-    family: str,
-    with_video: bool,
-    question: str,
-    system: str | None,
-    chat_template: str | None,
-) -> str:
-    template = chat_template or getattr(tokenizer, "chat_template", None)
-    if template:
-        content = ([{"type": "video"}] if with_video else []) + [{"type": "text", "text": question}]
-        messages = [{"role": "user", "content": content}]
-        if system is not None:
-            messages.insert(0, {"role": "system", "content": system})
-        return tokenizer.apply_chat_template(
-            messages, chat_template=template, tokenize=False, add_generation_prompt=True
-        )
-    parts = [system] if system else []
-    if with_video:
-        parts.append(_placeholder_text(tokenizer, model_config, family))
-    parts.append(question)
-    return "\n".join(parts)
 
 
 def _placeholder_text(tokenizer, model_config, family: str) -> str:
