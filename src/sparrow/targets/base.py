@@ -29,6 +29,7 @@ from transformers import PreTrainedModel
 from sparrow.decoding.attention import build_attention_mask, register
 from sparrow.decoding.cache import StaticKVCache
 from sparrow.errors import CheckpointError
+from sparrow.video.prompt import video_token_id
 
 if TYPE_CHECKING:
     from sparrow.video.processing import VideoInputs
@@ -111,7 +112,8 @@ class TargetAdapter:
 
     # ---- family hooks -------------------------------------------------------------------
     def video_token_id(self) -> int:
-        raise NotImplementedError
+        """The placeholder token the model fills with video features."""
+        return video_token_id(self.config)
 
     def _prompt_positions(
         self, input_ids: torch.Tensor, video: VideoInputs | None

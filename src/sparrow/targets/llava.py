@@ -19,8 +19,5 @@ if TYPE_CHECKING:
 class LlavaAdapter(TargetAdapter):
     family = "llava"
 
-    def video_token_id(self) -> int:
-        return self.config.video_token_index
-
     def _prompt_positions(self, input_ids, video: VideoInputs | None):
         return torch.arange(input_ids.shape[1])[None], 0

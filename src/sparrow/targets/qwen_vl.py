@@ -10,30 +10,18 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import torch
-
 from sparrow.targets.base import TargetAdapter
+from sparrow.video.prompt import mm_token_type_ids
 
 if TYPE_CHECKING:
     from sparrow.video.processing import VideoInputs
-
-TEXT, IMAGE, VIDEO = 0, 1, 2  # mm_token_type_ids values
 
 
 class QwenVLAdapter(TargetAdapter):
     family = "qwen_vl"
 
-    def video_token_id(self) -> int:
-        return self.config.video_token_id
-
-    def _token_types(self, input_ids: torch.Tensor) -> torch.Tensor:
-        types = torch.zeros_like(input_ids, dtype=torch.int32)  # (1, L)
-        types[input_ids == self.config.image_token_id] = IMAGE
-        types[input_ids == self.config.video_token_id] = VIDEO
-        return types
-
     def _prompt_positions(self, input_ids, video: VideoInputs | None):
-        kwargs = {"mm_token_type_ids": self._token_types(input_ids)}
+        kwargs = {"mm_token_type_ids": mm_token_type_ids(input_ids, self.config)}
         if video is not None:
             kwargs.update(self._video_kwargs(video))
             kwargs.pop("pixel_values_videos")
@@ -44,7 +32,7 @@ class QwenVLAdapter(TargetAdapter):
         return position_ids, int(rope_deltas.reshape(-1)[0])
 
     def _prefill_kwargs(self, input_ids, video: VideoInputs | None) -> dict:
-        kwargs = {"mm_token_type_ids": self._token_types(input_ids)}
+        kwargs = {"mm_token_type_ids": mm_token_type_ids(input_ids, self.config)}
         if video is not None:
             kwargs.update(self._video_kwargs(video))
         return kwargs

@@ -25,7 +25,7 @@ from sparrow.video.processing import QWEN_FAMILIES, VideoInputs, model_family
 VIDEO_PART = {"type": "video"}  # a conversation's video content part (template form)
 
 TEXT_TOKEN_TYPE = 0
-VIDEO_TOKEN_TYPE = 2
+IMAGE_TOKEN_TYPE, VIDEO_TOKEN_TYPE = 1, 2
 
 
 def video_token_id(model_config) -> int:
@@ -111,9 +111,13 @@ def render_chat(
 
 
 def mm_token_type_ids(input_ids: torch.Tensor, model_config) -> torch.Tensor:
-    """(B, L) int64 modality of each token: 0 text, 2 video (what Qwen-VL's forward needs)."""
-    is_video = input_ids == video_token_id(model_config)
-    return is_video.to(torch.long) * VIDEO_TOKEN_TYPE  # (B, L)
+    """(B, L) int64 modality of each token: 0 text, 1 image, 2 video (Qwen-VL's forward and
+    get_rope_index need it)."""
+    types = (input_ids == video_token_id(model_config)).to(torch.long) * VIDEO_TOKEN_TYPE
+    image_id = getattr(model_config, "image_token_id", None)
+    if image_id is not None:
+        types[input_ids == image_id] = IMAGE_TOKEN_TYPE
+    return types  # (B, L)
 
 
 def qwen3_group_timestamps(frame_timestamps: list[float], temporal_patch_size: int) -> list[float]:
