@@ -71,6 +71,27 @@ class _Clock:
         return time.perf_counter()
 
 
+def _proposer(method: str, draft: DraftModel | None, target: TargetAdapter, tree: TreeSpec):
+    if method == "ar":
+        return NoDraftProposer()
+    if draft is None:
+        raise ConfigError(f"--method {method} needs a draft: pass --draft DIR")
+    # The checkpoint is the same in both modes; the method decides how it is run.
+    return DraftProposer(draft, target, tree, mode=method)
+
+
+def _emit(new_tokens: list[int], emitted: list[int], eos: set[int], max_new_tokens: int) -> str:
+    """Append tokens to `emitted` as `generate` would: stop after an EOS token (kept) or at
+    max_new_tokens. Returns the finish reason, or "" to go on."""
+    for token in new_tokens:
+        emitted.append(token)
+        if token in eos:
+            return "eos"
+        if len(emitted) >= max_new_tokens:
+            return "length"
+    return ""
+
+
 def _pick(logits: torch.Tensor, sampling: SamplingParams, generator: torch.Generator | None) -> int:
     """The target's own choice from (V,) logits: argmax, or a sample of its distribution."""
     if sampling.greedy:
@@ -109,15 +130,8 @@ def generate(
     if max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens {max_new_tokens}: must be >= 1")
     tree = TreeSpec.parse(tree) if isinstance(tree, str) else tree
-    if proposer is not None:
-        pass
-    elif method == "ar":
-        proposer = NoDraftProposer()
-    else:
-        if draft is None:
-            raise ConfigError(f"--method {method} needs a draft: pass --draft DIR")
-        # The checkpoint is the same in both modes; the method decides how it is run.
-        proposer = DraftProposer(draft, target, tree, mode=method)
+    if proposer is None:
+        proposer = _proposer(method, draft, target, tree)
     eos = set(target.eos_token_ids if eos_token_ids is None else eos_token_ids)
     generator = None
     if not sampling.greedy:
@@ -160,14 +174,7 @@ def generate(
         timings.verify_s += clock.now() - t_verify
         new_tokens = candidates.tokens[path[1:]].tolist() + [decision.bonus]
         before = len(emitted)
-        for token in new_tokens:
-            emitted.append(token)
-            if token in eos:
-                finish = "eos"
-            elif len(emitted) >= max_new_tokens:
-                finish = "length"
-            if finish:
-                break
+        finish = _emit(new_tokens, emitted, eos, max_new_tokens)
         accepted_lengths.append(len(emitted) - before)  # tokens cut by a stop do not count
         if on_tokens is not None and on_tokens(emitted[before:]) and not finish:
             finish = "stopped"
