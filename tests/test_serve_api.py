@@ -282,6 +282,8 @@ def test_follow_up_questions_reuse_the_video_prefill(server, models, media):
         model="tiny", messages=[video_message("Which way does it move?", video)],
         max_tokens=MAX_TOKENS)
     assert engine.prefix_cache.stats.hits == hits + 1
+    health = requests.get(f"{url}/health", timeout=10).json()["prefix_cache"]
+    assert health["hits"] == hits + 1 and 0 < health["bytes"] <= health["max_bytes"]
     expected = reference(models, "Which way does it move?", video)
     assert second.model_extra["sparrow"]["token_ids"] == expected.result.token_ids
     messages = [video_message("Count the shapes.", video),

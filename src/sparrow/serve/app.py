@@ -127,8 +127,13 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
 
     @app.get("/health")
     async def health() -> dict:
+        cache = engine.prefix_cache
+        prefix_cache = None if cache is None else {
+            "entries": len(cache), "bytes": cache.nbytes, "max_bytes": cache.max_bytes,
+            **asdict(cache.stats)}
         return {"status": "ok", "model": settings.model_id, "method": engine.method,
-                "queued": engine.queued, "busy": engine.busy, "stats": asdict(engine.stats)}
+                "queued": engine.queued, "busy": engine.busy, "stats": asdict(engine.stats),
+                "prefix_cache": prefix_cache}
 
     @app.get("/v1/models")
     async def models() -> dict:
