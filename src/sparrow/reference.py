@@ -1,0 +1,87 @@
+"""Assembling the reference target: SmolLM2-135M-Instruct in a LLaVA-OneVision body.
+
+The language model is SmolLM2-135M-Instruct (offline, see `sparrow.smollm2`), loaded unchanged
+into LLaVA-OneVision's `language_model` + `lm_head`; the vision tower (SigLIP-shaped) and the
+projector are small and trained here on `sparrow.video.synthetic` (issue 3). This module builds
+the model for a given tower shape, with the tower's weights when they exist.
+
+Placeholders: SmolLM2's vocabulary has no image/video tokens and its embedding has no spare
+rows, so two of its reserved code-data special tokens stand in (the chat model never emits
+them); the vocabulary and the text model are unchanged, so text-only answers stay SmolLM2's own.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sparrow import smollm2
+
+VIDEO_TOKEN = "<jupyter_output>"  # id 14 in SmolLM2's vocabulary
+IMAGE_TOKEN = "<jupyter_text>"  # id 12
+
+# SmolLM2's own template, extended to content parts: a video part renders as VIDEO_TOKEN.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a helpful AI assistant named SmolLM, trained by Hugging "
+    "Face<|im_end|>\\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'video' %}{{ '" + VIDEO_TOKEN + "' }}"
+    "{% elif part['type'] == 'image' %}{{ '" + IMAGE_TOKEN + "' }}"
+    "{% else %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "{{ '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def reference_config(vision: dict, rope_scaling: dict | None = None):
+    """LlavaOnevisionConfig: SmolLM2's text config, a SigLIP-shaped tower of `vision`."""
+    from transformers import AutoConfig, AutoTokenizer, LlavaOnevisionConfig
+
+    directory = smollm2.checkpoint()
+    text = AutoConfig.from_pretrained(directory).to_dict()
+    for key in ("architectures", "transformers_version", "_name_or_path"):
+        text.pop(key, None)
+    if rope_scaling is not None:
+        text["rope_parameters"] = {**text.get("rope_parameters", {}), **rope_scaling}
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    return LlavaOnevisionConfig(
+        text_config=text,
+        vision_config={"model_type": "siglip_vision_model", **vision},
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        video_token_index=tokenizer.convert_tokens_to_ids(VIDEO_TOKEN),
+        tie_word_embeddings=text.get("tie_word_embeddings", True),
+    )
+
+
+def build_reference(
+    vision: dict,
+    tower_state: dict[str, torch.Tensor] | None = None,
+    rope_scaling: dict | None = None,
+    seed: int = 0,
+):
+    """(model, tokenizer): SmolLM2 loaded into LLaVA-OneVision with a `vision` tower.
+
+    `tower_state`: trained weights of the vision tower, projector and image_newline (keys as in
+    the model's state dict); without it they are randomly initialised from `seed`.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlavaOnevisionForConditionalGeneration
+
+    directory = smollm2.checkpoint()
+    language = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    torch.manual_seed(seed)
+    model = LlavaOnevisionForConditionalGeneration(reference_config(vision, rope_scaling))
+    model.model.language_model.load_state_dict(language.model.state_dict(), strict=True)
+    model.lm_head.load_state_dict(language.lm_head.state_dict())
+    if model.config.tie_word_embeddings:
+        model.tie_weights()
+    if tower_state is not None:
+        model.load_state_dict(tower_state, strict=False)
+    model.generation_config = language.generation_config
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return model.eval(), tokenizer
