@@ -116,12 +116,3 @@ class StaticKVCache(Cache):
             return
         for layer in self.layers:
             layer.keep(start, offsets)
-
-    def nbytes(self) -> int:
-        """Bytes held by the filled part of the cache (keys and values of every layer)."""
-        total = 0
-        for layer in self.layers:
-            if layer.key_buffer is not None:
-                per_position = layer.key_buffer[:, :, :1].numel() * layer.key_buffer.element_size()
-                total += 2 * per_position * layer.length
-        return total
