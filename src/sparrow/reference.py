@@ -12,12 +12,36 @@ them); the vocabulary and the text model are unchanged, so text-only answers sta
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from sparrow import smollm2
 
+# The weights trained here (tower, projector, image newline, LoRA factors of SmolLM2's linear
+# layers), written by `python -m sparrow.training.reference_train RUN --stage export`.
+WEIGHTS_FILE = Path(__file__).parent / "weights" / "reference-eyes.safetensors"
+
 VIDEO_TOKEN = "<jupyter_output>"  # id 14 in SmolLM2's vocabulary
 IMAGE_TOKEN = "<jupyter_text>"  # id 12
+
+# The shipped reference target's shape (see MODEL_CARD.md for why): 64x64 frames, 8x8 patches
+# pooled to 4x4 = 16 visual tokens per frame (+ one newline per video), a 4-layer 128-wide tower.
+TOWER = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+             image_size=64, patch_size=8, vision_use_head=False)
+# Static YaRN x4 over SmolLM2's 8192 training context: one scheme at every length, so cached keys
+# and tree queries agree (a length-dependent scheme would not).
+ROPE_SCALING = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8192}
+PROCESSOR_CONFIG = {
+    "image_mean": [0.5, 0.5, 0.5],
+    "image_std": [0.5, 0.5, 0.5],
+    "size": {"height": 64, "width": 64},
+    "resample": 3,
+    "do_resize": True,
+    "do_rescale": True,
+    "rescale_factor": 1 / 255,
+    "do_normalize": True,
+}
 
 # SmolLM2's own template, extended to content parts: a video part renders as VIDEO_TOKEN.
 CHAT_TEMPLATE = (

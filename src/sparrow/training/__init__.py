@@ -1,0 +1,1 @@
+"""Training: the reference target's eyes (`reference_data`, `reference_train`)."""

@@ -1,0 +1,170 @@
+"""Training data for the reference target's eyes, made from `sparrow.video.synthetic`.
+
+A corpus shard holds, per video (a seed rendered at `RENDER_FRAMES` frames of 128x128, encoded
+to mp4 and decoded again, so the model learns from the same compressed pixels it sees at
+inference), the frames after the reference processor's resize (uint8, stored small and
+normalized at use), per-patch labels for pre-training the tower directly on the ground truth,
+and the video's facts (JSON) for captions and questions.
+
+Patch labels (the vision tower's patch grid, `grid` x `grid`): the object that covers the
+largest share of the patch's pixels (at least `MIN_COVER`), as its colour / shape / size class
+(0 = background), and that object's centre in [0, 1] frame coordinates (for motion: a token that
+knows where its object is lets the language model compare positions across frames).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from sparrow.video import synthetic
+from sparrow.video.io import read_video
+
+RENDER_FRAMES = 16
+RENDER_SIZE = 128
+MIN_COVER = 0.1
+SIZE_NAMES = tuple(synthetic.SIZES)
+BACKGROUND_COLOUR_NAMES = tuple(synthetic.BACKGROUND_COLOURS)
+
+DESCRIBE_PROMPTS = (
+    "Describe the video in detail.",
+    "Describe this video in detail.",
+    "What happens in this video? Describe it in detail.",
+    "Give a detailed description of the video.",
+    "Tell me what you see in the video, in detail.",
+)
+
+
+@dataclass
+class Shard:
+    """One corpus file's arrays (N videos of T frames, frames S x S, patch grid G x G)."""
+
+    frames: np.ndarray  # (N, T, S, S, 3) uint8, resized as the reference processor does
+    colour: np.ndarray  # (N, T, G, G) int64: 0 background, 1 + index into COLOUR_NAMES
+    shape: np.ndarray  # (N, T, G, G) int64: 0 background, 1 + index into SHAPES
+    size: np.ndarray  # (N, T, G, G) int64: 0 background, 1 + index into SIZE_NAMES
+    centre: np.ndarray  # (N, T, G, G, 2) float32 (x, y) in [0, 1] of the patch's object, 0 if none
+    count: np.ndarray  # (N, T) int64 objects visible in the frame
+    background: np.ndarray  # (N,) int64 index into BACKGROUND_KINDS
+    background_colours: np.ndarray  # (N, 4) float32 multi-hot over BACKGROUND_COLOUR_NAMES
+    facts: list[synthetic.VideoFacts]
+
+
+def patch_labels(scene: synthetic.Scene, grid: int) -> dict[str, np.ndarray]:
+    """Per-frame, per-patch labels of `scene` on a `grid` x `grid` patch grid."""
+    height, width = scene.height, scene.width
+    if height % grid or width % grid:
+        raise ValueError(f"a {width}x{height} scene does not divide into a {grid}x{grid} grid")
+    block_h, block_w = height // grid, width // grid
+    frames, objects = scene.num_frames, len(scene.objects)
+    cover = np.zeros((frames, objects, grid, grid), dtype=np.float32)
+    radii = scene.radii
+    for t in range(frames):
+        for i, obj in enumerate(scene.objects):
+            if not scene.visible[t, i]:
+                continue
+            cx, cy = scene.positions[t, i]
+            mask = synthetic.shape_mask(obj.shape, float(cx), float(cy), radii[i], height, width)
+            cover[t, i] = mask.reshape(grid, block_h, grid, block_w).mean(axis=(1, 3))
+    # Objects are drawn in id order, so a later object hides an earlier one where they overlap
+    # (only colliding objects touch, by a sliver): the max cover picks the dominant object.
+    best = cover.argmax(axis=1)  # (T, G, G)
+    present = cover.max(axis=1) >= MIN_COVER  # (T, G, G)
+    shape_ids = np.array([synthetic.SHAPES.index(o.shape) for o in scene.objects])  # (N,)
+    size_ids = np.array([SIZE_NAMES.index(o.size) for o in scene.objects])  # (N,)
+    t_index = np.arange(frames)[:, None, None]
+    colour = np.where(present, scene.colour_ids[t_index, best] + 1, 0)
+    shape = np.where(present, shape_ids[best] + 1, 0)
+    size = np.where(present, size_ids[best] + 1, 0)
+    centre = scene.positions[t_index, best] / np.array([width, height], dtype=np.float32)  # (T, G, G, 2)
+    centre = np.where(present[..., None], centre, 0.0).astype(np.float32)
+    return {
+        "colour": colour.astype(np.int64),
+        "shape": shape.astype(np.int64),
+        "size": size.astype(np.int64),
+        "centre": centre,
+        "count": scene.visible.sum(axis=1).astype(np.int64),
+    }
+
+
+def build_shard(
+    path: str | os.PathLike,
+    seeds: list[int],
+    image_size: int,
+    patch_size: int,
+    resize,
+    progress: bool = True,
+) -> Path:
+    """Render, encode, decode and label `seeds` into one .npz shard at `path` (atomic).
+
+    `resize`: (T, H, W, 3) uint8 frames -> (T, S, S, 3) uint8, the reference processor's resize.
+    """
+    path = Path(path)
+    grid = image_size // patch_size
+    columns: dict[str, list] = {k: [] for k in ("frames", "colour", "shape", "size", "centre", "count")}
+    backgrounds, background_colours, facts = [], [], []
+    with tempfile.TemporaryDirectory() as scratch:
+        for seed in tqdm(seeds, desc=f"corpus {path.name}", unit="video", disable=not progress):
+            scene = synthetic.generate_scene(seed, RENDER_FRAMES, RENDER_SIZE, RENDER_SIZE)
+            video = synthetic.write_scene(scene, Path(scratch) / f"{seed}.mp4")
+            clip = read_video(video)
+            columns["frames"].append(resize(clip.frames))
+            for key, value in patch_labels(scene, grid).items():
+                columns[key].append(value)
+            backgrounds.append(synthetic.BACKGROUND_KINDS.index(scene.background.kind))
+            multi_hot = np.zeros(len(BACKGROUND_COLOUR_NAMES), dtype=np.float32)
+            multi_hot[[BACKGROUND_COLOUR_NAMES.index(c) for c in scene.background.colours]] = 1
+            background_colours.append(multi_hot)
+            facts.append(synthetic.scene_facts(scene).to_dict())
+            video.unlink()
+    partial = path.with_suffix(".partial.npz")
+    np.savez(
+        partial,
+        **{key: np.stack(values) for key, values in columns.items()},
+        background=np.array(backgrounds, dtype=np.int64),
+        background_colours=np.stack(background_colours),
+        facts=np.array(json.dumps(facts)),
+    )
+    os.replace(partial, path)
+    return path
+
+
+def load_shard(path: str | os.PathLike) -> Shard:
+    with np.load(path) as data:
+        arrays = {key: data[key] for key in data.files if key != "facts"}
+        facts = [synthetic.VideoFacts.from_dict(item) for item in json.loads(str(data["facts"]))]
+    return Shard(**arrays, facts=facts)
+
+
+def normalize(frames: np.ndarray) -> torch.Tensor:
+    """(..., S, S, 3) uint8 -> (..., 3, S, S) float32 with the reference processor's mean/std (0.5)."""
+    pixels = torch.from_numpy(np.ascontiguousarray(frames)).movedim(-1, -3).to(torch.float32)
+    return ((pixels - 127.5) / 127.5).contiguous()
+
+
+def conversation(facts: synthetic.VideoFacts, rng: random.Random, qa_turns: int = 3,
+                 describe_share: float = 0.6) -> list[dict]:
+    """A training conversation about one video: a detailed description (one of the reference
+    styles) or a few question/answer turns; the video is in the first user turn."""
+    video_part = {"type": "video"}
+    if rng.random() < describe_share:
+        prompt = rng.choice(DESCRIBE_PROMPTS)
+        answer = synthetic.describe(facts, rng.randrange(synthetic.NUM_STYLES))
+        return [
+            {"role": "user", "content": [video_part, {"type": "text", "text": prompt}]},
+            {"role": "assistant", "content": answer},
+        ]
+    pairs = rng.sample(synthetic.questions(facts), k=min(qa_turns, len(synthetic.questions(facts))))
+    messages: list[dict] = []
+    for i, (question, answer) in enumerate(pairs):
+        content = [video_part, {"type": "text", "text": question}] if i == 0 else question
+        messages += [{"role": "user", "content": content}, {"role": "assistant", "content": answer}]
+    return messages

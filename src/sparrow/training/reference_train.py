@@ -1,0 +1,468 @@
+"""Train the reference target's eyes: `python -m sparrow.training.reference_train RUN_DIR ...`.
+
+Two stages, each resumable exactly (checkpoints every `--save-every` steps, written atomically;
+the batch of step s is drawn from an RNG seeded by (seed, s), so a resumed run sees the same
+data as an uninterrupted one):
+
+1. `eyes`: the vision tower alone, supervised directly by the generator's ground truth through
+   linear heads on its last hidden states: per patch the colour / shape / size class of the
+   object covering it and that object's centre, per frame the background kind and colours and
+   the object count. Cheap (no language model), and it makes the tower's features state the
+   facts linearly before the language model ever sees them.
+2. `caption`: the whole reference model on conversations about the videos (detailed
+   descriptions in the reference styles, question/answer turns), loss on the assistant tokens.
+   Trained: the projector, the image newline, and LoRA adapters on SmolLM2's linear layers
+   (the tower stays as stage 1 left it). bf16 autocast on CPU (2.1x fp32 GEMM throughput here).
+3. `export`: write the shipped weights (tower, projector, newline, LoRA factors) to one
+   safetensors file, which `sparrow.reference` merges into SmolLM2 at assembly.
+
+Seeds: training videos use seeds [0, 10**6); validation and `sparrow eval-target` use seeds
+from `EVAL_SEED_START` up, never trained on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from sparrow import reference
+from sparrow.training import reference_data as data
+from sparrow.video import synthetic
+from sparrow.video.io import uniform_indices
+
+EVAL_SEED_START = 1_000_000
+VAL_SEEDS = range(EVAL_SEED_START + 900_000, EVAL_SEED_START + 900_000 + 200)
+SHARD_VIDEOS = 500
+FRAME_CHOICES = (4, 6, 8, 12, 16)
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+# ---------------------------------------------------------------------------------------------
+# Corpus
+# ---------------------------------------------------------------------------------------------
+
+
+def _resize_fn():
+    """The reference processor's resize, as uint8 (normalization is exactly invertible here)."""
+    from sparrow.video.io import VideoClip
+    from sparrow.video.processing import preprocess_video
+
+    config = reference.reference_config(reference.TOWER, reference.ROPE_SCALING)
+
+    def resize(frames: np.ndarray) -> np.ndarray:
+        clip = VideoClip(frames=frames, timestamps=np.zeros(len(frames)), fps=1.0, duration=1.0,
+                         path="<synthetic>", frame_indices=np.arange(len(frames)),
+                         total_frames=len(frames))
+        pixels = preprocess_video(clip, config, reference.PROCESSOR_CONFIG).pixel_values_videos[0]
+        return (pixels * 127.5 + 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+    return resize
+
+
+def ensure_corpus(corpus_dir: Path, train_shards: int) -> tuple[list[Path], Path]:
+    """Build missing shards (train-000.npz ... and val.npz); existing ones are kept."""
+    corpus_dir.mkdir(parents=True, exist_ok=True)
+    tower = reference.TOWER
+    resize = None
+    train = [corpus_dir / f"train-{i:03d}.npz" for i in range(train_shards)]
+    val = corpus_dir / "val.npz"
+    jobs = [(p, list(range(i * SHARD_VIDEOS, (i + 1) * SHARD_VIDEOS))) for i, p in enumerate(train)]
+    jobs.append((val, list(VAL_SEEDS)))
+    for path, seeds in jobs:
+        if path.is_file():
+            continue
+        resize = resize or _resize_fn()
+        data.build_shard(path, seeds, tower["image_size"], tower["patch_size"], resize)
+    return train, val
+
+
+def _concat(shards: list[data.Shard]) -> data.Shard:
+    if len(shards) == 1:
+        return shards[0]
+    fields = {k: np.concatenate([getattr(s, k) for s in shards]) for k in data.Shard.__dataclass_fields__
+              if k != "facts"}
+    return data.Shard(**fields, facts=[f for s in shards for f in s.facts])
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints and logs
+# ---------------------------------------------------------------------------------------------
+
+
+def _save(path: Path, state: dict) -> None:
+    partial = path.with_suffix(".partial")
+    torch.save(state, partial)
+    os.replace(partial, path)
+
+
+def _log(path: Path, record: dict) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 1: eyes
+# ---------------------------------------------------------------------------------------------
+
+
+def build_tower() -> nn.Module:
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    return SiglipVisionModel(SiglipVisionConfig(**reference.TOWER))
+
+
+class EyesHeads(nn.Module):
+    """Linear read-outs of the tower's last hidden states (B frames, P patches, hidden H)."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.colour = nn.Linear(hidden, len(synthetic.COLOUR_NAMES) + 1)
+        self.shape = nn.Linear(hidden, len(synthetic.SHAPES) + 1)
+        self.size = nn.Linear(hidden, len(data.SIZE_NAMES) + 1)
+        self.centre = nn.Linear(hidden, 2)
+        self.background = nn.Linear(hidden, len(synthetic.BACKGROUND_KINDS))
+        self.background_colours = nn.Linear(hidden, len(data.BACKGROUND_COLOUR_NAMES))
+        self.count = nn.Linear(hidden, 8)
+
+    def losses(self, states: torch.Tensor, batch: dict) -> tuple[torch.Tensor, dict]:
+        """states (B, P, H); batch labels flattened to (B, P) / (B, P, 2) / (B,)."""
+        pooled = states.mean(dim=1)  # (B, H)
+        metrics, total = {}, 0.0
+        for name in ("colour", "shape", "size"):
+            logits = getattr(self, name)(states)  # (B, P, C)
+            target = batch[name]  # (B, P)
+            total = total + F.cross_entropy(logits.flatten(0, 1), target.flatten())
+            objects = target > 0
+            correct = (logits.argmax(-1) == target)
+            metrics[f"{name}_acc_objects"] = correct[objects].float().mean().item() if objects.any() else 1.0
+            metrics[f"{name}_acc"] = correct.float().mean().item()
+        objects = batch["colour"] > 0  # (B, P)
+        if objects.any():
+            centre_error = (self.centre(states)[objects] - batch["centre"][objects]).abs()
+            total = total + 10 * centre_error.mean()
+            metrics["centre_mae"] = centre_error.mean().item()
+        for name in ("background", "count"):
+            logits = getattr(self, name)(pooled)
+            total = total + F.cross_entropy(logits, batch[name])
+            metrics[f"{name}_acc"] = (logits.argmax(-1) == batch[name]).float().mean().item()
+        logits = self.background_colours(pooled)
+        total = total + F.binary_cross_entropy_with_logits(logits, batch["background_colours"])
+        metrics["background_colours_acc"] = ((logits > 0) == (batch["background_colours"] > 0.5)).all(
+            -1).float().mean().item()
+        metrics["loss"] = total.item()
+        return total, metrics
+
+
+def _frame_batch(shard: data.Shard, rng: np.random.Generator, size: int) -> dict:
+    n, t = shard.frames.shape[:2]
+    videos, frames = rng.integers(0, n, size), rng.integers(0, t, size)
+    flat = lambda a: torch.from_numpy(a[videos, frames]).flatten(1, 2)  # noqa: E731  (B, P, ...)
+    return {
+        "pixels": data.normalize(shard.frames[videos, frames]),  # (B, 3, S, S)
+        "colour": flat(shard.colour), "shape": flat(shard.shape), "size": flat(shard.size),
+        "centre": flat(shard.centre),
+        "count": torch.from_numpy(shard.count[videos, frames]),
+        "background": torch.from_numpy(shard.background[videos]),
+        "background_colours": torch.from_numpy(shard.background_colours[videos]),
+    }
+
+
+def tower_states(tower: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+    """(B, P, H): the hidden states LLaVA-OneVision takes (vision_feature_layer -1, 'full')."""
+    return tower(pixels, output_hidden_states=True).hidden_states[-1]
+
+
+def train_eyes(run: Path, train: list[Path], val: Path, steps: int, batch: int, lr: float,
+               seed: int, save_every: int, eval_every: int) -> Path:
+    checkpoint, log = run / "eyes.pt", run / "eyes.jsonl"
+    tower = build_tower()
+    heads = EyesHeads(reference.TOWER["hidden_size"])
+    params = list(tower.parameters()) + list(heads.parameters())
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    start = 0
+    if checkpoint.is_file():
+        state = torch.load(checkpoint, weights_only=True)
+        tower.load_state_dict(state["tower"])
+        heads.load_state_dict(state["heads"])
+        optimizer.load_state_dict(state["optimizer"])
+        start = state["step"]
+        print(f"resuming eyes at step {start}/{steps}", flush=True)
+    if start >= steps:
+        return checkpoint
+    corpus = _concat([data.load_shard(p) for p in train])
+    held_out = data.load_shard(val)
+    schedule = lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * s / steps))  # noqa: E731
+    began = time.perf_counter()
+    for step in tqdm(range(start, steps), initial=start, total=steps, desc="eyes", unit="step"):
+        for group in optimizer.param_groups:
+            group["lr"] = lr * schedule(step)
+        batch_data = _frame_batch(corpus, np.random.default_rng([seed, step]), batch)
+        tower.train()
+        loss, metrics = heads.losses(tower_states(tower, batch_data["pixels"]), batch_data)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        done = step + 1
+        if done % eval_every == 0 or done == steps:
+            tower.eval()
+            with torch.no_grad():
+                val_batch = _frame_batch(held_out, np.random.default_rng([seed, 2**31]), 512)
+                _, val_metrics = heads.losses(tower_states(tower, val_batch["pixels"]), val_batch)
+            _log(log, {"step": done, "train": metrics, "val": val_metrics,
+                       "elapsed_s": round(time.perf_counter() - began, 1)})
+            tqdm.write(f"eyes step {done}: " + ", ".join(f"{k} {v:.3f}" for k, v in val_metrics.items()))
+        if done % save_every == 0 or done == steps:
+            _save(checkpoint, {"tower": tower.state_dict(), "heads": heads.state_dict(),
+                               "optimizer": optimizer.state_dict(), "step": done})
+    return checkpoint
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 2: caption
+# ---------------------------------------------------------------------------------------------
+
+
+def lora_config(rank: int):
+    from peft import LoraConfig
+
+    return LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=list(LORA_TARGETS))
+
+
+def tokenize_conversation(tokenizer, model_config, messages: list[dict], num_visual_tokens: int):
+    """(input_ids (L,), label mask (L,) bool: True where the token is an assistant token the
+    model must predict, its end-of-turn token included).
+
+    Built turn by turn (the first user turn through `render_chat`, later turns in SmolLM2's
+    template form); tests check the ids equal the template's rendering of the whole conversation.
+    """
+    from sparrow.video.prompt import render_chat
+    from sparrow.video.processing import VideoInputs
+
+    video = VideoInputs(pixel_values_videos=torch.empty(0), video_grid_thw=None,
+                        num_visual_tokens=num_visual_tokens, frame_timestamps=[], family="llava_onevision")
+    ids = render_chat(tokenizer, model_config, messages[:1], video)[0].tolist()
+    mask = [False] * len(ids)
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    for i in range(1, len(messages)):
+        message = messages[i]
+        if message["role"] == "assistant":
+            answer = tokenizer(message["content"], add_special_tokens=False)["input_ids"] + [end]
+            newline = tokenizer("\n", add_special_tokens=False)["input_ids"]
+            ids += answer + newline
+            mask += [True] * len(answer) + [False] * len(newline)
+        else:
+            turn = f"<|im_start|>user\n{message['content']}<|im_end|>\n<|im_start|>assistant\n"
+            turn_ids = tokenizer(turn, add_special_tokens=False)["input_ids"]
+            ids += turn_ids
+            mask += [False] * len(turn_ids)
+    return torch.tensor(ids), torch.tensor(mask)
+
+
+def _caption_batch(corpus: data.Shard, tokenizer, model_config, seed: int, step: int, size: int,
+                   frames_per_token: int) -> dict:
+    rng = random.Random(f"{seed}-{step}")
+    num_frames = rng.choice(FRAME_CHOICES)
+    frame_ids = uniform_indices(corpus.frames.shape[1], num_frames)
+    videos = [rng.randrange(len(corpus.facts)) for _ in range(size)]
+    visual = num_frames * frames_per_token + 1
+    rows = [tokenize_conversation(tokenizer, model_config, data.conversation(corpus.facts[v], rng), visual)
+            for v in videos]
+    length = max(len(ids) for ids, _ in rows)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    input_ids = torch.full((size, length), pad, dtype=torch.long)
+    labels = torch.zeros((size, length), dtype=torch.bool)
+    attention = torch.zeros((size, length), dtype=torch.long)
+    for row, (ids, mask) in enumerate(rows):
+        input_ids[row, : len(ids)] = ids
+        labels[row, : len(ids)] = mask
+        attention[row, : len(ids)] = 1
+    frames = corpus.frames[np.array(videos)][:, frame_ids]  # (B, T, S, S, 3)
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention,
+            "pixel_values_videos": data.normalize(frames)}  # (B, T, 3, S, S)
+
+
+def caption_loss(model, batch: dict) -> torch.Tensor:
+    """Next-token cross entropy on the label positions only (the lm_head runs on those alone)."""
+    hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                         pixel_values_videos=batch["pixel_values_videos"]).last_hidden_state  # (B, L, D)
+    predict = batch["labels"][:, 1:]  # (B, L-1): token i+1 is a label -> predict it from i
+    logits = model.lm_head(hidden[:, :-1][predict])  # (N, V)
+    return F.cross_entropy(logits.float(), batch["input_ids"][:, 1:][predict])
+
+
+def build_caption_model(eyes: Path, rank: int):
+    """The reference model with the stage-1 tower, LoRA injected, trainable parts selected."""
+    from peft import inject_adapter_in_model
+
+    tower = torch.load(eyes, weights_only=True)["tower"]
+    tower_state = {f"model.vision_tower.{k}": v for k, v in tower.items()}
+    model, tokenizer = reference.build_reference(reference.TOWER, tower_state, reference.ROPE_SCALING)
+    model.requires_grad_(False)
+    inject_adapter_in_model(lora_config(rank), model.model.language_model)
+    for name, param in model.named_parameters():
+        if "lora_" in name or "multi_modal_projector" in name or name.endswith("image_newline"):
+            param.requires_grad_(True)
+    return model, tokenizer
+
+
+def describe_score(model, tokenizer, facts_list, frames: np.ndarray, max_new_tokens: int = 200) -> dict:
+    """Greedy 'Describe the video in detail.' on each video; mean key-fact score and samples."""
+    from sparrow.video.prompt import render_chat
+
+    scores, samples = [], []
+    config = model.config
+    visual = frames.shape[1] * (reference.TOWER["image_size"] // reference.TOWER["patch_size"] // 2) ** 2 + 1
+    from sparrow.video.processing import VideoInputs
+
+    video = VideoInputs(torch.empty(0), None, visual, [], family="llava_onevision")
+    messages = [{"role": "user", "content": [{"type": "video"},
+                                             {"type": "text", "text": data.DESCRIBE_PROMPTS[0]}]}]
+    ids = render_chat(tokenizer, config, messages, video)
+    for facts, clip in zip(facts_list, frames, strict=True):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model.generate(input_ids=ids, pixel_values_videos=data.normalize(clip[None]),
+                                 max_new_tokens=max_new_tokens, do_sample=False)
+        text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+        score = synthetic.score_description(text, facts)
+        scores.append(score["score"])
+        samples.append({"seed": facts.seed, "score": score["score"], "text": text})
+    return {"score": float(np.mean(scores)), "samples": samples}
+
+
+def train_caption(run: Path, train: list[Path], val: Path, steps: int, batch: int, lr: float,
+                  projector_lr: float, rank: int, seed: int, save_every: int, eval_every: int,
+                  eval_videos: int) -> Path:
+    checkpoint, log = run / "caption.pt", run / "caption.jsonl"
+    model, tokenizer = build_caption_model(run / "eyes.pt", rank)
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    groups = [
+        {"params": [p for n, p in trainable.items() if "lora_" in n], "lr": lr},
+        {"params": [p for n, p in trainable.items() if "lora_" not in n], "lr": projector_lr},
+    ]
+    optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
+    start = 0
+    if checkpoint.is_file():
+        state = torch.load(checkpoint, weights_only=True)
+        missing = set(trainable) - set(state["trainable"])
+        if missing:
+            raise SystemExit(f"{checkpoint} lacks {len(missing)} trainable tensors (another --rank?)")
+        model.load_state_dict(state["trainable"], strict=False)
+        optimizer.load_state_dict(state["optimizer"])
+        start = state["step"]
+        print(f"resuming caption at step {start}/{steps}", flush=True)
+    if start >= steps:
+        return checkpoint
+    corpus = _concat([data.load_shard(p) for p in train])
+    held_out = data.load_shard(val)
+    per_frame = (reference.TOWER["image_size"] // reference.TOWER["patch_size"] // 2) ** 2
+    base = [g["lr"] for g in optimizer.param_groups]
+    began = time.perf_counter()
+    for step in tqdm(range(start, steps), initial=start, total=steps, desc="caption", unit="step"):
+        warm = min(1.0, (step + 1) / 50)
+        for group, rate in zip(optimizer.param_groups, base, strict=True):
+            group["lr"] = rate * warm
+        batch_data = _caption_batch(corpus, tokenizer, model.config, seed, step, batch, per_frame)
+        model.train()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = caption_loss(model, batch_data)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(list(trainable.values()), 1.0)
+        optimizer.step()
+        done = step + 1
+        _log(log, {"step": done, "loss": round(loss.item(), 4),
+                   "frames": batch_data["pixel_values_videos"].shape[1],
+                   "tokens": int(batch_data["attention_mask"].sum()),
+                   "elapsed_s": round(time.perf_counter() - began, 1)})
+        if done % save_every == 0 or done == steps:
+            _save(checkpoint, {"trainable": {n: p.detach().clone() for n, p in trainable.items()},
+                               "optimizer": optimizer.state_dict(), "step": done, "rank": rank})
+        if done % eval_every == 0 or done == steps:
+            model.eval()
+            frames = held_out.frames[:eval_videos][:, uniform_indices(held_out.frames.shape[1], 8)]
+            result = describe_score(model, tokenizer, held_out.facts[:eval_videos], frames)
+            _log(log, {"step": done, "eval_score": result["score"], "samples": result["samples"][:3]})
+            tqdm.write(f"caption step {done}: held-out key-fact score {result['score']:.3f}")
+    return checkpoint
+
+
+# ---------------------------------------------------------------------------------------------
+# Export
+# ---------------------------------------------------------------------------------------------
+
+
+def export(run: Path, out: Path) -> Path:
+    """The shipped weights: tower, projector, newline (fp32) and LoRA factors (fp16) + metadata."""
+    from safetensors.torch import save_file
+
+    eyes = torch.load(run / "eyes.pt", weights_only=True)["tower"]
+    caption = torch.load(run / "caption.pt", weights_only=True)
+    tensors = {f"model.vision_tower.{k}": v.float().contiguous() for k, v in eyes.items()}
+    for name, value in caption["trainable"].items():
+        if "lora_" in name:
+            # "model.language_model.layers.0.self_attn.q_proj.lora_A.default.weight" ->
+            # "model.language_model.layers.0.self_attn.q_proj.lora_A"
+            layer, _, rest = name.partition(".lora_")
+            tensors[f"{layer}.lora_{rest[0]}"] = value.to(torch.float16).contiguous()
+        else:
+            tensors[name] = value.float().contiguous()
+    rank = caption["rank"]
+    metadata = {"lora_rank": str(rank), "lora_alpha": str(2 * rank), "caption_steps": str(caption["step"]),
+                "tower": json.dumps(reference.TOWER), "rope_scaling": json.dumps(reference.ROPE_SCALING)}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_suffix(".partial")
+    save_file(tensors, str(partial), metadata=metadata)
+    os.replace(partial, out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run", type=Path, help="run directory (corpus, checkpoints, logs)")
+    parser.add_argument("--stage", choices=("corpus", "eyes", "caption", "export", "all"), default="all")
+    parser.add_argument("--train-shards", type=int, default=16, help=f"{SHARD_VIDEOS} videos each")
+    parser.add_argument("--eyes-steps", type=int, default=3000)
+    parser.add_argument("--eyes-batch", type=int, default=128, help="frames per step")
+    parser.add_argument("--eyes-lr", type=float, default=1e-3)
+    parser.add_argument("--caption-steps", type=int, default=3000)
+    parser.add_argument("--caption-batch", type=int, default=8, help="conversations per step")
+    parser.add_argument("--lr", type=float, default=3e-4, help="LoRA learning rate")
+    parser.add_argument("--projector-lr", type=float, default=1e-3)
+    parser.add_argument("--rank", type=int, default=16, help="LoRA rank")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--save-every", type=int, default=25)
+    parser.add_argument("--eval-every", type=int, default=250)
+    parser.add_argument("--eval-videos", type=int, default=6)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--out", type=Path, default=reference.WEIGHTS_FILE,
+                        help="where export writes the shipped weights")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    args.run.mkdir(parents=True, exist_ok=True)
+    train, val = ensure_corpus(args.run / "corpus", args.train_shards)
+    if args.stage in ("eyes", "all"):
+        train_eyes(args.run, train, val, args.eyes_steps, args.eyes_batch, args.eyes_lr, args.seed,
+                   args.save_every * 4, args.eval_every)
+    if args.stage in ("caption", "all"):
+        train_caption(args.run, train, val, args.caption_steps, args.caption_batch, args.lr,
+                      args.projector_lr, args.rank, args.seed, args.save_every, args.eval_every,
+                      args.eval_videos)
+    if args.stage in ("export", "all"):
+        print(f"wrote {export(args.run, args.out)}")
+
+
+if __name__ == "__main__":
+    main()
