@@ -70,10 +70,8 @@ Writes <out>/verify_cost[_<tag>].json, .md and .png.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -84,6 +82,7 @@ from pathlib import Path
 import torch
 
 from sparrow.decoding.tree import ancestor_mask
+from sparrow.machine import machine_info
 from sparrow.targets import TargetAdapter, wrap_model
 
 STEP_DECODE = "decode"
@@ -550,36 +549,6 @@ def step_functions(adapter: TargetAdapter, implementation: str, length: int, q: 
 
 
 # ---- the run ----------------------------------------------------------------------------------
-
-
-def machine_info(device: str) -> dict:
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info = {
-        "cpu": cpu,
-        "logical_cpus": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": device,
-    }
-    try:
-        import transformers
-
-        info["transformers"] = transformers.__version__
-    except ImportError:
-        pass
-    if device.startswith("cuda"):
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
 
 
 def run(args: argparse.Namespace) -> dict:

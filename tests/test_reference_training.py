@@ -1,0 +1,150 @@
+"""Training the reference target's eyes: labels, conversations, exact resume, export + merge."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from sparrow import reference, smollm2
+from sparrow.training import reference_data as data
+from sparrow.training import reference_train as rt
+from sparrow.video import synthetic
+from sparrow.video.processing import VideoInputs
+from sparrow.video.prompt import render_chat
+
+
+@pytest.fixture(scope="module")
+def shard(tmp_path_factory):
+    path = tmp_path_factory.mktemp("corpus") / "train-000.npz"
+    tower = reference.TOWER
+    return data.build_shard(path, [3, 4, 5], tower["image_size"], tower["patch_size"], rt._resize_fn(),
+                            progress=False)
+
+
+def test_patch_labels_name_the_object_under_each_patch():
+    scene = synthetic.generate_scene(7, 6, 128, 128)
+    labels = data.patch_labels(scene, grid=8)
+    assert labels["colour"].shape == (6, 8, 8)
+    np.testing.assert_array_equal(labels["count"], scene.visible.sum(axis=1))
+    for t in range(scene.num_frames):
+        for i, obj in enumerate(scene.objects):
+            if not scene.visible[t, i]:
+                continue
+            cx, cy = scene.positions[t, i]
+            row, col = int(cy // 16), int(cx // 16)  # the patch holding the centre (16 px at 128)
+            assert labels["shape"][t, row, col] == synthetic.SHAPES.index(obj.shape) + 1
+            assert labels["colour"][t, row, col] == scene.colour_ids[t, i] + 1
+            assert labels["size"][t, row, col] == data.SIZE_NAMES.index(obj.size) + 1
+            np.testing.assert_allclose(labels["centre"][t, row, col], [cx / 128, cy / 128], atol=1e-6)
+        # background patches: no object pixel inside them at all
+        covered = np.zeros((128, 128), dtype=bool)
+        for i, obj in enumerate(scene.objects):
+            if scene.visible[t, i]:
+                covered |= synthetic.shape_mask(obj.shape, *map(float, scene.positions[t, i]),
+                                                scene.radii[i], 128, 128)
+        empty = ~covered.reshape(8, 16, 8, 16).any(axis=(1, 3))
+        assert (labels["colour"][t][empty] == 0).all()
+
+
+def test_shard_holds_the_processed_frames_and_facts(shard):
+    from sparrow.video.io import read_video
+    from sparrow.video.processing import preprocess_video
+
+    loaded = data.load_shard(shard)
+    assert loaded.frames.shape == (3, data.RENDER_FRAMES, 64, 64, 3)
+    assert [f.seed for f in loaded.facts] == [3, 4, 5]
+    assert loaded.facts[1] == synthetic.scene_facts(synthetic.generate_scene(4, data.RENDER_FRAMES, 128, 128))
+    # The stored frames normalize to exactly what the reference processor makes of the mp4.
+    scene = synthetic.generate_scene(5, data.RENDER_FRAMES, 128, 128)
+    with_path = shard.parent / "5.mp4"
+    synthetic.write_scene(scene, with_path)
+    config = reference.reference_config(reference.TOWER, reference.ROPE_SCALING)
+    expected = preprocess_video(read_video(with_path), config, reference.PROCESSOR_CONFIG).pixel_values_videos[0]
+    torch.testing.assert_close(data.normalize(loaded.frames[2]), expected, atol=1e-6, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(smollm2.checkpoint())
+    tok.chat_template = reference.CHAT_TEMPLATE
+    return tok
+
+
+@pytest.mark.parametrize("describe_share", [1.0, 0.0])
+def test_training_conversations_tokenize_as_the_chat_template_does(tokenizer, describe_share):
+    config = reference.reference_config(reference.TOWER, reference.ROPE_SCALING)
+    facts = synthetic.scene_facts(synthetic.generate_scene(11, 8, 128, 128))
+    messages = data.conversation(facts, random.Random(0), describe_share=describe_share)
+    ids, mask = rt.tokenize_conversation(tokenizer, config, messages, num_visual_tokens=33)
+    video = VideoInputs(torch.empty(0), None, 33, [], family="llava_onevision")
+    whole = render_chat(tokenizer, config, messages, video)[0].tolist()
+    generation_prompt = tokenizer("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
+    assert whole == ids.tolist() + generation_prompt
+    assert ids.tolist().count(config.video_token_index) == 33
+    answers = [m["content"] for m in messages if m["role"] == "assistant"]
+    assert tokenizer.decode(ids[mask]) == "".join(a + "<|im_end|>" for a in answers)
+
+
+def test_eyes_training_resumes_exactly(shard, tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    for run in (straight, resumed):
+        run.mkdir()
+    kwargs = dict(batch=16, lr=1e-3, seed=0, save_every=2, eval_every=100)
+    rt.train_eyes(straight, [shard], shard, steps=4, **kwargs)
+    rt.train_eyes(resumed, [shard], shard, steps=4, stop_at=2, **kwargs)  # "interrupted" at step 2
+    rt.train_eyes(resumed, [shard], shard, steps=4, **kwargs)  # continues from step 2
+    a, b = (torch.load(r / "eyes.pt", weights_only=True) for r in (straight, resumed))
+    assert a["step"] == b["step"] == 4
+    for key in a["tower"]:
+        torch.testing.assert_close(a["tower"][key], b["tower"][key], rtol=0, atol=0)
+    logged = [json.loads(line) for line in (straight / "eyes.jsonl").read_text().splitlines()]
+    assert logged[-1]["step"] == 4 and 0 <= logged[-1]["val"]["colour_acc"] <= 1
+
+
+def test_caption_training_resumes_exactly_and_exports_mergeable_weights(shard, tmp_path):
+    """Two caption steps straight vs one + resume give the same weights; the exported file
+    assembles into SmolLM2 + scale * B @ A, and removing the LoRA gives SmolLM2 back."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    for run in (straight, resumed):
+        run.mkdir()
+        rt.train_eyes(run, [shard], shard, steps=1, batch=8, lr=1e-3, seed=0, save_every=1, eval_every=100)
+    kwargs = dict(batch=1, lr=1e-3, projector_lr=1e-3, rank=2, seed=0, save_every=1, eval_every=0,
+                  eval_videos=1)
+    rt.train_caption(straight, [shard], shard, steps=2, **kwargs)
+    rt.train_caption(resumed, [shard], shard, steps=2, stop_at=1, **kwargs)
+    rt.train_caption(resumed, [shard], shard, steps=2, **kwargs)
+    a, b = (torch.load(r / "caption.pt", weights_only=True) for r in (straight, resumed))
+    assert a["step"] == b["step"] == 2
+    for key in a["trainable"]:
+        torch.testing.assert_close(a["trainable"][key], b["trainable"][key], rtol=0, atol=0)
+    assert any(v.abs().sum() > 0 for k, v in a["trainable"].items() if "lora_B" in k)  # it trained
+
+    weights = rt.export(straight, tmp_path / "eyes.safetensors")
+    state, lora, scale = reference.read_weights(weights)
+    assert scale == 2.0 and len(lora) == 30 * len(rt.LORA_TARGETS)
+    model, _ = reference.build_shipped(weights)
+    from transformers import AutoModelForCausalLM
+
+    smol = AutoModelForCausalLM.from_pretrained(smollm2.checkpoint(), dtype=torch.float32)
+    name = "model.language_model.layers.3.mlp.down_proj"
+    a_, b_ = lora[name]
+    expected = smol.model.layers[3].mlp.down_proj.weight + scale * (b_.float() @ a_.float())
+    torch.testing.assert_close(model.get_submodule(name).weight, expected)
+    torch.testing.assert_close(model.model.vision_tower.state_dict()["post_layernorm.weight"],
+                               state["model.vision_tower.post_layernorm.weight"])
+    reference.merge_lora(model, lora, scale, sign=-1.0)
+    torch.testing.assert_close(model.get_submodule(name).weight, smol.model.layers[3].mlp.down_proj.weight,
+                               atol=1e-6, rtol=0)
+
+
+def test_missing_weights_say_how_to_make_them(tmp_path):
+    from sparrow.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match="reference_train"):
+        reference.checkpoint(tmp_path / "nope.safetensors")
