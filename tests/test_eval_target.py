@@ -56,7 +56,8 @@ def test_scores_come_from_the_ground_truth(tiny, tmp_path, monkeypatch):
 
     video_paths = []
     real_prepare, real = api.prepare_video, api.answer
-    monkeypatch.setattr(api, "prepare_video", lambda t, p, **k: video_paths.append(str(p)) or real_prepare(t, p, **k))
+    monkeypatch.setattr(api, "prepare_video",
+                        lambda t, p, **k: video_paths.append(str(p)) or real_prepare(t, p, **k))
     monkeypatch.setattr(api, "answer", perfect)
     rows = eval_target.evaluate(tiny, [80], tmp_path / "acc", videos=2, progress=False)
     assert rows[0]["score"] == 1.0 and rows[0]["hallucinated_per_video"] == 0

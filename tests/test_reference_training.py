@@ -63,7 +63,8 @@ def test_shard_holds_the_processed_frames_and_facts(shard):
     with_path = shard.parent / "5.mp4"
     synthetic.write_scene(scene, with_path)
     config = reference.reference_config(reference.TOWER, reference.ROPE_SCALING)
-    expected = preprocess_video(read_video(with_path), config, reference.PROCESSOR_CONFIG).pixel_values_videos[0]
+    expected = preprocess_video(read_video(with_path), config, reference.PROCESSOR_CONFIG)
+    expected = expected.pixel_values_videos[0]  # (T, 3, S, S)
     torch.testing.assert_close(data.normalize(loaded.frames[2]), expected, atol=1e-6, rtol=0)
 
 
