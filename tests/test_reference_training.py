@@ -115,11 +115,10 @@ def test_caption_training_resumes_exactly_and_exports_mergeable_weights(shard, t
     for run in (straight, resumed):
         run.mkdir()
         rt.train_eyes(run, [shard], shard, steps=1, batch=8, lr=1e-3, seed=0, save_every=1, eval_every=100)
-    kwargs = dict(batch=1, lr=1e-3, projector_lr=1e-3, rank=2, seed=0, save_every=1, eval_every=0,
-                  eval_videos=1)
-    rt.train_caption(straight, [shard], shard, steps=2, **kwargs)
-    rt.train_caption(resumed, [shard], shard, steps=2, stop_at=1, **kwargs)
-    rt.train_caption(resumed, [shard], shard, steps=2, **kwargs)
+    kwargs = dict(budget=200, lr=1e-3, projector_lr=1e-3, rank=2, seed=0, save_every=1, eval_every=0)
+    rt.train_caption(straight, steps=2, **kwargs)
+    rt.train_caption(resumed, steps=2, stop_at=1, **kwargs)
+    rt.train_caption(resumed, steps=2, **kwargs)
     a, b = (torch.load(r / "caption.pt", weights_only=True) for r in (straight, resumed))
     assert a["step"] == b["step"] == 2
     for key in a["trainable"]:
@@ -149,3 +148,18 @@ def test_missing_weights_say_how_to_make_them(tmp_path):
 
     with pytest.raises(CheckpointError, match="reference_train"):
         reference.checkpoint(tmp_path / "nope.safetensors")
+
+
+def test_caption_batches_fill_a_token_budget_with_one_frame_count(tokenizer, tmp_path):
+    config = reference.reference_config(reference.TOWER, reference.ROPE_SCALING)
+    resize = rt._resize_fn()
+    for step in range(3):
+        batch = rt._caption_batch(tokenizer, config, resize, tmp_path, seed=1, step=step, budget=900,
+                                  per_frame=16)
+        size, frames = batch["pixel_values_videos"].shape[:2]
+        assert frames in rt.CAPTION_FRAMES and batch["pixel_values_videos"].shape[2:] == (3, 64, 64)
+        assert size == 1 or int(batch["attention_mask"].sum()) <= 900
+        video_tokens = (batch["input_ids"] == config.video_token_index).sum(dim=1)
+        assert video_tokens.tolist() == [frames * 16 + 1] * size
+        assert batch["labels"].any(dim=1).all()  # every conversation has tokens to learn
+    assert not list(tmp_path.iterdir())  # rendered clips are cleaned up

@@ -9,8 +9,10 @@ data as an uninterrupted one):
    object covering it and that object's centre, per frame the background kind and colours and
    the object count. Cheap (no language model), and it makes the tower's features state the
    facts linearly before the language model ever sees them.
-2. `caption`: the whole reference model on conversations about the videos (detailed
-   descriptions in the reference styles, question/answer turns), loss on the assistant tokens.
+2. `caption`: the whole reference model on conversations about videos rendered on the fly
+   from fresh training seeds at 4 to 64 frames (`CAPTION_FRAMES`; through mp4 and back, as at
+   inference): detailed descriptions in the reference styles or question/answer turns, loss on
+   the assistant tokens, about `--caption-tokens` tokens per step.
    Trained: the projector, the image newline, and LoRA adapters on SmolLM2's linear layers
    (the tower stays as stage 1 left it). bf16 autocast on CPU (2.1x fp32 GEMM throughput here).
 3. `export`: write the shipped weights (tower, projector, newline, LoRA factors) to one
@@ -27,6 +29,8 @@ import json
 import math
 import os
 import random
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -39,12 +43,14 @@ from tqdm.auto import tqdm
 from sparrow import reference
 from sparrow.training import reference_data as data
 from sparrow.video import synthetic
-from sparrow.video.io import uniform_indices
 
 EVAL_SEED_START = synthetic.EVAL_SEED_START
 VAL_SEEDS = range(EVAL_SEED_START + 900_000, EVAL_SEED_START + 900_000 + 200)
 SHARD_VIDEOS = 500
-FRAME_CHOICES = (4, 6, 8, 12, 16)
+# Caption stage: frame counts drawn with these weights (16 visual tokens per frame), so the
+# language model learns to read short clips and long ones (64 frames = 1,025 visual tokens).
+CAPTION_FRAMES = {4: 2, 8: 3, 12: 2, 16: 2, 24: 1, 32: 1, 48: 1, 64: 1}
+EVAL_FRAMES = ((8, 4), (64, 2))  # (frames, videos) of the held-out check during caption training
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -275,16 +281,35 @@ def tokenize_conversation(tokenizer, model_config, messages: list[dict], num_vis
     return torch.tensor(ids), torch.tensor(mask)
 
 
-def _caption_batch(corpus: data.Shard, tokenizer, model_config, seed: int, step: int, size: int,
-                   frames_per_token: int) -> dict:
+def render_clip(seed: int, num_frames: int, resize, scratch: Path) -> tuple[np.ndarray, synthetic.VideoFacts]:
+    """A training video rendered at exactly `num_frames` frames, through mp4 and back (as at
+    inference), resized: ((T, S, S, 3) uint8, facts)."""
+    from sparrow.video.io import read_video
+
+    scene = synthetic.generate_scene(seed, num_frames, data.RENDER_SIZE, data.RENDER_SIZE)
+    path = synthetic.write_scene(scene, scratch / f"{seed}-{num_frames}.mp4")
+    frames = resize(read_video(path).frames)
+    path.unlink()
+    return frames, synthetic.scene_facts(scene)
+
+
+def _caption_batch(tokenizer, model_config, resize, scratch: Path, seed: int, step: int, budget: int,
+                   per_frame: int) -> dict:
+    """Step `step`'s batch: one frame count (weighted draw from CAPTION_FRAMES), fresh training
+    seeds rendered on the fly, as many conversations as fit `budget` tokens (at least one)."""
     rng = random.Random(f"{seed}-{step}")
-    num_frames = rng.choice(FRAME_CHOICES)
-    frame_ids = uniform_indices(corpus.frames.shape[1], num_frames)
-    videos = [rng.randrange(len(corpus.facts)) for _ in range(size)]
-    visual = num_frames * frames_per_token + 1
-    rows = [tokenize_conversation(tokenizer, model_config, data.conversation(corpus.facts[v], rng), visual)
-            for v in videos]
+    num_frames = rng.choices(list(CAPTION_FRAMES), weights=list(CAPTION_FRAMES.values()))[0]
+    visual = num_frames * per_frame + 1
+    rows, clips = [], []
+    while True:
+        frames, facts = render_clip(rng.randrange(EVAL_SEED_START), num_frames, resize, scratch)
+        row = tokenize_conversation(tokenizer, model_config, data.conversation(facts, rng), visual)
+        if rows and sum(len(ids) for ids, _ in rows) + len(row[0]) > budget:
+            break
+        rows.append(row)
+        clips.append(frames)
     length = max(len(ids) for ids, _ in rows)
+    size = len(rows)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     input_ids = torch.full((size, length), pad, dtype=torch.long)
     labels = torch.zeros((size, length), dtype=torch.bool)
@@ -293,9 +318,8 @@ def _caption_batch(corpus: data.Shard, tokenizer, model_config, seed: int, step:
         input_ids[row, : len(ids)] = ids
         labels[row, : len(ids)] = mask
         attention[row, : len(ids)] = 1
-    frames = corpus.frames[np.array(videos)][:, frame_ids]  # (B, T, S, S, 3)
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention,
-            "pixel_values_videos": data.normalize(frames)}  # (B, T, 3, S, S)
+            "pixel_values_videos": data.normalize(np.stack(clips))}  # (B, T, 3, S, S)
 
 
 def caption_loss(model, batch: dict) -> torch.Tensor:
@@ -346,9 +370,9 @@ def describe_score(model, tokenizer, facts_list, frames: np.ndarray, max_new_tok
     return {"score": float(np.mean(scores)), "samples": samples}
 
 
-def train_caption(run: Path, train: list[Path], val: Path, steps: int, batch: int, lr: float,
+def train_caption(run: Path, steps: int, budget: int, lr: float,
                   projector_lr: float, rank: int, seed: int, save_every: int, eval_every: int,
-                  eval_videos: int, stop_at: int | None = None) -> Path:
+                  stop_at: int | None = None, eval_frames=EVAL_FRAMES) -> Path:
     """Stage 2 up to `steps` (resuming from run/caption.pt); `stop_at` as in `train_eyes`."""
     checkpoint, log = run / "caption.pt", run / "caption.jsonl"
     model, tokenizer = build_caption_model(run / "eyes.pt", rank)
@@ -371,15 +395,15 @@ def train_caption(run: Path, train: list[Path], val: Path, steps: int, batch: in
         print(f"resuming caption at step {start}/{steps}", flush=True)
     if start >= steps:
         return checkpoint
-    corpus = _concat([data.load_shard(p) for p in train])
-    held_out = data.load_shard(val)
+    resize = _resize_fn()
+    scratch = Path(tempfile.mkdtemp(prefix="sparrow-caption-"))
     per_frame = (reference.TOWER["image_size"] // reference.TOWER["patch_size"] // 2) ** 2
     began = time.perf_counter()
     for step in tqdm(range(start, steps), initial=start, total=steps, desc="caption", unit="step"):
         warm = min(1.0, (step + 1) / 50)
         for group, rate in zip(optimizer.param_groups, base, strict=True):
             group["lr"] = rate * warm
-        batch_data = _caption_batch(corpus, tokenizer, model.config, seed, step, batch, per_frame)
+        batch_data = _caption_batch(tokenizer, model.config, resize, scratch, seed, step, budget, per_frame)
         model.train()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = caption_loss(model, batch_data)
@@ -390,6 +414,7 @@ def train_caption(run: Path, train: list[Path], val: Path, steps: int, batch: in
         done = step + 1
         _log(log, {"step": done, "loss": round(loss.item(), 4),
                    "frames": batch_data["pixel_values_videos"].shape[1],
+                   "conversations": batch_data["input_ids"].shape[0],
                    "tokens": int(batch_data["attention_mask"].sum()),
                    "elapsed_s": round(time.perf_counter() - began, 1)})
         if done % save_every == 0 or done in (steps, stop_at):
@@ -397,12 +422,18 @@ def train_caption(run: Path, train: list[Path], val: Path, steps: int, batch: in
                                "optimizer": optimizer.state_dict(), "step": done, "rank": rank})
         if eval_every and (done % eval_every == 0 or done == steps):
             model.eval()
-            frames = held_out.frames[:eval_videos][:, uniform_indices(held_out.frames.shape[1], 8)]
-            result = describe_score(model, tokenizer, held_out.facts[:eval_videos], frames)
-            _log(log, {"step": done, "eval_score": result["score"], "samples": result["samples"][:3]})
-            tqdm.write(f"caption step {done}: held-out key-fact score {result['score']:.3f}")
+            scores = {}
+            for num_frames, count in eval_frames:
+                clips = [render_clip(s, num_frames, resize, scratch) for s in list(VAL_SEEDS)[:count]]
+                frames = np.stack([c for c, _ in clips])  # (N, T, S, S, 3)
+                result = describe_score(model, tokenizer, [f for _, f in clips], frames)
+                scores[num_frames] = result["score"]
+                _log(log, {"step": done, "eval_frames": num_frames, "eval_score": result["score"],
+                           "samples": result["samples"][:2]})
+            tqdm.write(f"caption step {done}: held-out key-fact score by frames {scores}")
         if done == stop_at:
             break
+    shutil.rmtree(scratch, ignore_errors=True)
     return checkpoint
 
 
@@ -446,14 +477,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eyes-batch", type=int, default=128, help="frames per step")
     parser.add_argument("--eyes-lr", type=float, default=1e-3)
     parser.add_argument("--caption-steps", type=int, default=3000)
-    parser.add_argument("--caption-batch", type=int, default=8, help="conversations per step")
+    parser.add_argument("--caption-tokens", type=int, default=2000,
+                        help="tokens per caption step (visual + text; conversations are added up to it)")
     parser.add_argument("--lr", type=float, default=3e-4, help="LoRA learning rate")
     parser.add_argument("--projector-lr", type=float, default=1e-3)
     parser.add_argument("--rank", type=int, default=16, help="LoRA rank")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--save-every", type=int, default=25)
     parser.add_argument("--eval-every", type=int, default=250, help="caption eval period (0: never)")
-    parser.add_argument("--eval-videos", type=int, default=6)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--out", type=Path, default=reference.WEIGHTS_FILE,
                         help="where export writes the shipped weights")
@@ -465,9 +496,8 @@ def main(argv: list[str] | None = None) -> None:
         train_eyes(args.run, train, val, args.eyes_steps, args.eyes_batch, args.eyes_lr, args.seed,
                    args.save_every * 4, args.eval_every)
     if args.stage in ("caption", "all"):
-        train_caption(args.run, train, val, args.caption_steps, args.caption_batch, args.lr,
-                      args.projector_lr, args.rank, args.seed, args.save_every, args.eval_every,
-                      args.eval_videos)
+        train_caption(args.run, args.caption_steps, args.caption_tokens, args.lr, args.projector_lr,
+                      args.rank, args.seed, args.save_every, args.eval_every)
     if args.stage in ("export", "all"):
         print(f"wrote {export(args.run, args.out)}")
 

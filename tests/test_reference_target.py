@@ -1,0 +1,110 @@
+"""The shipped reference target (`--target reference`): assembly, SmolLM2 inside, eyes that see."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from sparrow import reference, smollm2
+from sparrow.api import answer, prepare_video
+from sparrow.decoding.generate import generate
+from sparrow.decoding.tree import TreeSpec
+from sparrow.draft import init_draft
+from sparrow.targets import load_target
+from sparrow.video import synthetic
+from sparrow.video.prompt import build_video_prompt
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    """A fresh SPARROW_HOME holding only the converted SmolLM2 (as after `make install`)."""
+    root = tmp_path_factory.mktemp("sparrow-home")
+    os.symlink(smollm2.checkpoint(), root / smollm2.CHECKPOINT_NAME)
+    return root
+
+
+@pytest.fixture(scope="module")
+def target(home):
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SPARROW_HOME", str(home))
+        patch.setenv("HF_HUB_OFFLINE", "1")
+        return load_target("reference")
+
+
+def test_first_use_assembles_a_cached_checkpoint_once(home, target, capsys, monkeypatch):
+    monkeypatch.setenv("SPARROW_HOME", str(home))
+    directory = reference.checkpoint()
+    assert directory.parent == home and (directory / "preprocessor_config.json").is_file()
+    assert capsys.readouterr().err == ""  # already assembled by the fixture: no message, no work
+    assert target.name == "reference" and target.config.model_type == "llava_onevision"
+    assert target.config.text_config.rope_parameters["rope_type"] == "yarn"
+
+
+def test_assembly_says_what_it_does(home, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SPARROW_HOME", str(tmp_path))
+    os.symlink(smollm2.checkpoint(), tmp_path / smollm2.CHECKPOINT_NAME)
+    directory = reference.checkpoint()
+    err = capsys.readouterr().err
+    assert "assembling the reference target" in err and str(directory) in err
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".reference-")]  # no staging left
+
+
+def test_text_only_output_is_smollm2s_own_with_the_adaptation_removed(target):
+    """The language model is SmolLM2 + LoRA deltas: subtracting them gives SmolLM2's answers
+    (SmolLM2 loaded with the same static YaRN positions)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    _, lora, scale = reference.read_weights()
+    config = AutoConfig.from_pretrained(smollm2.checkpoint())
+    config.rope_parameters = {**config.rope_parameters, **reference.ROPE_SCALING}
+    smol = AutoModelForCausalLM.from_pretrained(smollm2.checkpoint(), config=config, dtype=torch.float32)
+    reference.merge_lora(target.model, lora, scale, sign=-1.0)
+    try:
+        for question in ("What colour is the sky?", "Name three fruits."):
+            ids = build_video_prompt(target.tokenizer, target.config, None, question)
+            ours = generate(target, ids, max_new_tokens=24).token_ids
+            with torch.no_grad():
+                theirs = smol.generate(ids, max_new_tokens=24, do_sample=False)
+            assert ours == theirs[0, ids.shape[1]:].tolist()
+    finally:
+        reference.merge_lora(target.model, lora, scale)
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval-videos")
+    out = []
+    for seed in range(synthetic.EVAL_SEED_START + 500, synthetic.EVAL_SEED_START + 504):
+        scene = synthetic.generate_scene(seed, 8)
+        out.append((synthetic.write_scene(scene, root / f"{seed}.mp4"), synthetic.scene_facts(scene)))
+    return out
+
+
+def test_it_names_the_colours_and_shapes_it_sees(target, videos):
+    """On unseen synthetic videos the description states most objects with their true colour
+    and shape (the `object` key facts), and invents few shapes."""
+    correct = total = invented = 0
+    for path, facts in videos:
+        text = answer(target, "Describe the video in detail.", path, num_frames=8, max_new_tokens=160).text
+        score = synthetic.score_description(text, facts)
+        right, count = score["by_kind"]["object"]
+        correct, total, invented = correct + right, total + count, invented + score["hallucinated"]
+    assert correct / total >= 0.75, (correct, total)
+    assert invented <= len(videos)
+
+
+def test_speculative_decoding_on_the_reference_target_is_lossless(target, videos):
+    path, _ = videos[0]
+    video = prepare_video(target, path, num_frames=4)
+    ids = build_video_prompt(target.tokenizer, target.config, video, "Describe the video in detail.")
+    plain = generate(target, ids, video, max_new_tokens=24)
+    with torch.no_grad():
+        theirs = target.model.generate(input_ids=ids, pixel_values_videos=video.pixel_values_videos,
+                                       max_new_tokens=24, do_sample=False)
+    assert plain.token_ids == theirs[0, ids.shape[1]:].tolist()
+    for mode in ("sparrow", "eagle"):
+        fast = generate(target, ids, video, method=mode, draft=init_draft(target, mode),
+                        tree=TreeSpec.parse("30-4-8"), max_new_tokens=24)
+        assert fast.token_ids == plain.token_ids
