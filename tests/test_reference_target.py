@@ -108,3 +108,17 @@ def test_speculative_decoding_on_the_reference_target_is_lossless(target, videos
         fast = generate(target, ids, video, method=mode, draft=init_draft(target, mode),
                         tree=TreeSpec.parse("30-4-8"), max_new_tokens=24)
         assert fast.token_ids == plain.token_ids
+
+
+def test_cli_generate_on_the_reference_target_reads_any_mp4(home, target, video_file, capsys, monkeypatch):
+    """`sparrow generate --target reference` on a non-square, non-synthetic clip (96x72, 8 fps)."""
+    import json
+
+    from sparrow.cli import main
+
+    monkeypatch.setenv("SPARROW_HOME", str(home))
+    assert main(["generate", "--target", "reference", "--video", video_file(12), "--num-frames", "6",
+                 "--prompt", "Describe the video in detail.", "--method", "ar", "--max-new-tokens", "12",
+                 "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["num_visual_tokens"] == 6 * 16 + 1 and len(out["token_ids"]) > 0 and out["text"].strip()

@@ -55,7 +55,8 @@ def test_shard_holds_the_processed_frames_and_facts(shard):
     from sparrow.video.processing import preprocess_video
 
     loaded = data.load_shard(shard)
-    assert loaded.frames.shape == (3, data.RENDER_FRAMES, 64, 64, 3)
+    side = reference.TOWER["image_size"]
+    assert loaded.frames.shape == (3, data.RENDER_FRAMES, side, side, 3)
     assert [f.seed for f in loaded.facts] == [3, 4, 5]
     assert loaded.facts[1] == synthetic.scene_facts(synthetic.generate_scene(4, data.RENDER_FRAMES, 128, 128))
     # The stored frames normalize to exactly what the reference processor makes of the mp4.
@@ -157,7 +158,7 @@ def test_caption_batches_fill_a_token_budget_with_one_frame_count(tokenizer, tmp
         batch = rt._caption_batch(tokenizer, config, resize, tmp_path, seed=1, step=step, budget=900,
                                   per_frame=16)
         size, frames = batch["pixel_values_videos"].shape[:2]
-        assert frames in rt.CAPTION_FRAMES and batch["pixel_values_videos"].shape[2:] == (3, 64, 64)
+        assert frames in rt.CAPTION_FRAMES and batch["pixel_values_videos"].shape[2:] == (3, 128, 128)
         assert size == 1 or int(batch["attention_mask"].sum()) <= 900
         video_tokens = (batch["input_ids"] == config.video_token_index).sum(dim=1)
         assert video_tokens.tolist() == [frames * 16 + 1] * size

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from sparrow.video import synthetic
 from sparrow.video.io import read_video
 
-RENDER_FRAMES = 16
+RENDER_FRAMES = 8
 RENDER_SIZE = 128
 MIN_COVER = 0.1
 SIZE_NAMES = tuple(synthetic.SIZES)

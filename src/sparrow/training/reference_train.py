@@ -139,7 +139,7 @@ class EyesHeads(nn.Module):
         self.centre = nn.Linear(hidden, 2)
         self.background = nn.Linear(hidden, len(synthetic.BACKGROUND_KINDS))
         self.background_colours = nn.Linear(hidden, len(data.BACKGROUND_COLOUR_NAMES))
-        self.count = nn.Linear(hidden, 8)
+        self.count = nn.Linear(hidden, 8)  # objects visible in the frame
 
     def losses(self, states: torch.Tensor, batch: dict) -> tuple[torch.Tensor, dict]:
         """states (B, P, H); batch labels flattened to (B, P) / (B, P, 2) / (B,)."""
@@ -472,7 +472,7 @@ def main(argv: list[str] | None = None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", type=Path, help="run directory (corpus, checkpoints, logs)")
     parser.add_argument("--stage", choices=("corpus", "eyes", "caption", "export", "all"), default="all")
-    parser.add_argument("--train-shards", type=int, default=16, help=f"{SHARD_VIDEOS} videos each")
+    parser.add_argument("--train-shards", type=int, default=12, help=f"{SHARD_VIDEOS} videos each")
     parser.add_argument("--eyes-steps", type=int, default=3000)
     parser.add_argument("--eyes-batch", type=int, default=128, help="frames per step")
     parser.add_argument("--eyes-lr", type=float, default=1e-3)
