@@ -164,3 +164,30 @@ def test_caption_batches_fill_a_token_budget_with_one_frame_count(tokenizer, tmp
         assert video_tokens.tolist() == [frames * 16 + 1] * size
         assert batch["labels"].any(dim=1).all()  # every conversation has tokens to learn
     assert not list(tmp_path.iterdir())  # rendered clips are cleaned up
+
+
+def test_align_targets_are_the_words_for_what_is_on_each_patch(tokenizer):
+    embeddings = torch.randn(tokenizer.vocab_size + 20, 8)
+    batch = {
+        "colour": torch.tensor([[0, 1 + synthetic.COLOUR_NAMES.index("red")]]),
+        "shape": torch.tensor([[0, 1 + synthetic.SHAPES.index("circle")]]),
+        "size": torch.tensor([[0, 1 + data.SIZE_NAMES.index("small")]]),
+        "background": torch.tensor([synthetic.BACKGROUND_KINDS.index("noise")]),
+        "background_colours": torch.tensor([[float(c == "beige") for c in data.BACKGROUND_COLOUR_NAMES]]),
+    }
+    target = rt.patch_targets(tokenizer, embeddings, batch)  # (1, 2, 8)
+    word = lambda w: rt.word_embedding(tokenizer, embeddings, w)  # noqa: E731
+    torch.testing.assert_close(target[0, 1], (word("small") + word("red") + word("circle")) / 3)
+    torch.testing.assert_close(target[0, 0], (word("beige") + word("noisy")) / 2)
+
+
+def test_align_stage_brings_visual_tokens_towards_the_words_and_seeds_the_caption_model(shard, tmp_path):
+    rt.train_eyes(tmp_path, [shard], shard, steps=1, batch=8, lr=1e-3, seed=0, save_every=1, eval_every=100)
+    rt.train_align(tmp_path, [shard], shard, steps=30, batch=24, lr=3e-3, seed=0, eval_every=10)
+    lines = (tmp_path / "align.jsonl").read_text().splitlines()
+    errors = [json.loads(line)["val_relative_error"] for line in lines]
+    assert errors[-1] < 0.8 * errors[0], errors
+    model, _ = rt.build_caption_model(tmp_path / "eyes.pt", rank=2)
+    aligned = torch.load(tmp_path / "align.pt", weights_only=True)["projector"]
+    for name, value in aligned.items():
+        torch.testing.assert_close(model.model.multi_modal_projector.state_dict()[name], value)
