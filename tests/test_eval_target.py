@@ -77,3 +77,14 @@ def test_eval_target_errors_are_one_line(args, message, capsys, tmp_path):
     assert main(["eval-target", "--target", "tiny:llava_onevision", "--out", str(tmp_path / "x"), *args]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_records_of_another_checkpoint_are_not_reused(tiny, tmp_path):
+    out = tmp_path / "acc"
+    eval_target.evaluate(tiny, [40], out, videos=1, max_new_tokens=2, progress=False)
+    record = out.with_suffix(".jsonl")
+    stale = json.loads(record.read_text())
+    stale["model"] = "an-older-checkpoint"
+    record.write_text(json.dumps(stale) + "\n")
+    rows = eval_target.evaluate(tiny, [40], out, videos=1, max_new_tokens=2, progress=False)
+    assert rows[0]["videos"] == 1 and len(record.read_text().splitlines()) == 2  # re-evaluated

@@ -52,6 +52,7 @@ class Sample:
     prefill_s: float
     decode_s: float
     text: str
+    model: str = ""  # the checkpoint that answered (a resumed run ignores other models' records)
 
 
 def distinct_ngrams(text: str, n: int = 4) -> float:
@@ -103,8 +104,14 @@ def evaluate_one(target: TargetAdapter, length: int, seed: int, cache: Path, max
         score=score["score"], correct=score["correct"], total=score["total"],
         hallucinated=score["hallucinated"], by_kind=score["by_kind"], new_tokens=len(r.token_ids),
         distinct_4grams=distinct_ngrams(result.text), prefill_s=r.timings.prefill_s,
-        decode_s=r.timings.decode_s, text=result.text,
+        decode_s=r.timings.decode_s, text=result.text, model=_model_id(target),
     )
+
+
+def _model_id(target: TargetAdapter) -> str:
+    """The checkpoint behind `target` (for `reference`: its cache directory, named by the
+    weights' hash), so results of retrained weights never mix with older ones."""
+    return Path(str(getattr(target.model.config, "_name_or_path", "") or target.name)).name
 
 
 def summarize(samples: list[Sample]) -> list[dict]:
@@ -198,11 +205,15 @@ def evaluate(target: TargetAdapter, lengths: list[int], out: Path, videos: int =
     record = out.with_suffix(".jsonl")
     lines = record.read_text().splitlines() if record.is_file() else []
     done = [Sample(**json.loads(line)) for line in lines]
+    done = [s for s in done if s.model == _model_id(target)]
     have = {(s.length, s.seed) for s in done}
     jobs = [(length, synthetic.EVAL_SEED_START + i) for length in lengths
             for i in range(long_videos if length > LONG else videos)]
     todo = [job for job in jobs if job not in have]
-    cache = cache or out.parent / "eval-videos"
+    if cache is None:
+        from sparrow.smollm2 import cache_home
+
+        cache = cache_home() / "eval-videos"
     machine = machine_info(target.device)
     meta = {"target": target.name, "date": date.today().isoformat(), "command": command,
             "device": describe_device(machine), "machine": machine, "max_new_tokens": max_new_tokens,
