@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -180,18 +178,12 @@ def checkpoint(path: Path = WEIGHTS_FILE, progress: bool = True) -> Path:
         print(f"sparrow: assembling the reference target (SmolLM2-135M-Instruct + the eyes in {path.name}) "
               f"into {target} (once)...", file=sys.stderr)
     model, tokenizer = build_shipped(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".reference-", dir=target.parent))
-    try:
+    def write(staging: Path) -> None:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         (staging / "preprocessor_config.json").write_text(json.dumps(PROCESSOR_CONFIG, indent=1))
-        staging.rename(target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        if (target / "config.json").is_file():  # another process finished first
-            return target
-        raise
+
+    smollm2.publish_directory(target, write)
     if progress:
         print(f"sparrow: reference target ready at {target}", file=sys.stderr)
     return target

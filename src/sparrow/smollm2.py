@@ -30,6 +30,23 @@ def cache_home() -> Path:
     return Path(os.environ.get("SPARROW_HOME") or Path.home() / ".cache" / "sparrow")
 
 
+def publish_directory(target: Path, write) -> Path:
+    """Create checkpoint directory `target` atomically: `write(staging)` fills a hidden staging
+    directory beside it, which is then renamed; an interruption leaves nothing behind, and if
+    another process published `target` first, its copy wins."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        write(staging)
+        staging.rename(target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        if (target / "config.json").is_file():  # another process finished first
+            return target
+        raise
+    return target
+
+
 def gguf_path() -> Path:
     """The GGUF file inside the installed package (found without importing the package)."""
     spec = importlib.util.find_spec(PACKAGE)
@@ -73,17 +90,11 @@ def checkpoint(progress: bool = True) -> Path:
     model = LlamaForCausalLM(LlamaConfig(**config))
     model.load_state_dict(gguf_model.state_dict())  # dequantized fp32 weights
     model.generation_config = gguf_model.generation_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{CHECKPOINT_NAME}-", dir=target.parent))
-    try:
+    def write(staging: Path) -> None:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        staging.rename(target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        if (target / "config.json").is_file():  # another process finished first
-            return target
-        raise
+
+    publish_directory(target, write)
     if progress:
         print(f"sparrow: SmolLM2 checkpoint ready at {target}", file=sys.stderr)
     return target
