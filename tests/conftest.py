@@ -88,3 +88,16 @@ def reference_generate(target, input_ids, video, max_new_tokens: int, eos_token_
     finally:
         text_config._attn_implementation = attention
     return out[0, input_ids.shape[1] :].tolist()
+
+
+def assert_text_answers_match(target, language_model, max_new_tokens: int = 24) -> None:
+    """Text-only greedy answers of a video `target` (our loop) equal `language_model.generate`'s."""
+    from sparrow.decoding.generate import generate
+    from sparrow.video.prompt import build_video_prompt
+
+    for question in ("What colour is the sky?", "Name three fruits."):
+        ids = build_video_prompt(target.tokenizer, target.config, None, question)
+        ours = generate(target, ids, max_new_tokens=max_new_tokens).token_ids
+        with torch.no_grad():
+            theirs = language_model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)
+        assert ours == theirs[0, ids.shape[1]:].tolist(), question

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import assert_text_answers_match
 from sparrow import smollm2
 from sparrow.api import prepare_video
 from sparrow.decoding.generate import generate
@@ -28,12 +29,7 @@ def test_text_only_answers_are_smollm2s_own(reference):
     from transformers import AutoModelForCausalLM
 
     language = AutoModelForCausalLM.from_pretrained(smollm2.checkpoint(), dtype=torch.float32)
-    for question in ("What colour is the sky?", "Name three fruits."):
-        ids = build_video_prompt(reference.tokenizer, reference.config, None, question)
-        ours = generate(reference, ids, max_new_tokens=24).token_ids
-        with torch.no_grad():
-            theirs = language.generate(ids, max_new_tokens=24, do_sample=False)
-        assert ours == theirs[0, ids.shape[1]:].tolist()
+    assert_text_answers_match(reference, language)
 
 
 def test_speculative_decoding_on_the_reference_body_is_lossless(reference, video_file):

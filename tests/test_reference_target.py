@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 
+from conftest import assert_text_answers_match
 from sparrow import reference, smollm2
 from sparrow.api import answer, prepare_video
 from sparrow.decoding.generate import generate
@@ -62,12 +63,7 @@ def test_text_only_output_is_smollm2s_own_with_the_adaptation_removed(target):
     smol = AutoModelForCausalLM.from_pretrained(smollm2.checkpoint(), config=config, dtype=torch.float32)
     reference.merge_lora(target.model, lora, scale, sign=-1.0)
     try:
-        for question in ("What colour is the sky?", "Name three fruits."):
-            ids = build_video_prompt(target.tokenizer, target.config, None, question)
-            ours = generate(target, ids, max_new_tokens=24).token_ids
-            with torch.no_grad():
-                theirs = smol.generate(ids, max_new_tokens=24, do_sample=False)
-            assert ours == theirs[0, ids.shape[1]:].tolist()
+        assert_text_answers_match(target, smol)
     finally:
         reference.merge_lora(target.model, lora, scale)
 
