@@ -162,7 +162,8 @@ def conversation(facts: synthetic.VideoFacts, rng: random.Random, qa_turns: int 
             {"role": "user", "content": [video_part, {"type": "text", "text": prompt}]},
             {"role": "assistant", "content": answer},
         ]
-    pairs = rng.sample(synthetic.questions(facts), k=min(qa_turns, len(synthetic.questions(facts))))
+    candidates = synthetic.questions(facts)
+    pairs = rng.sample(candidates, k=min(qa_turns, len(candidates)))
     messages: list[dict] = []
     for i, (question, answer) in enumerate(pairs):
         content = [video_part, {"type": "text", "text": question}] if i == 0 else question

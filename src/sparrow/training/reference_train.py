@@ -49,6 +49,7 @@ from tqdm.auto import tqdm
 from sparrow import reference
 from sparrow.training import reference_data as data
 from sparrow.video import synthetic
+from sparrow.video.processing import count_visual_tokens
 
 EVAL_SEED_START = synthetic.EVAL_SEED_START
 VAL_SEEDS = range(EVAL_SEED_START + 900_000, EVAL_SEED_START + 900_000 + 200)
@@ -443,13 +444,13 @@ def build_caption_model(eyes: Path, rank: int):
 
 def describe_score(model, tokenizer, facts_list, frames: np.ndarray, max_new_tokens: int = 200) -> dict:
     """Greedy 'Describe the video in detail.' on each video; mean key-fact score and samples."""
+    from sparrow.video.processing import VideoInputs
     from sparrow.video.prompt import render_chat
 
     scores, samples = [], []
     config = model.config
-    visual = frames.shape[1] * (reference.TOWER["image_size"] // reference.TOWER["patch_size"] // 2) ** 2 + 1
-    from sparrow.video.processing import VideoInputs
-
+    side = reference.TOWER["image_size"]
+    visual = count_visual_tokens(config, reference.PROCESSOR_CONFIG, frames.shape[1], side, side)
     video = VideoInputs(torch.empty(0), None, visual, [], family="llava_onevision")
     messages = [{"role": "user", "content": [{"type": "video"},
                                              {"type": "text", "text": data.DESCRIBE_PROMPTS[0]}]}]
@@ -492,7 +493,8 @@ def train_caption(run: Path, steps: int, budget: int, lr: float,
         return checkpoint
     resize = _resize_fn()
     scratch = Path(tempfile.mkdtemp(prefix="sparrow-caption-"))
-    per_frame = (reference.TOWER["image_size"] // reference.TOWER["patch_size"] // 2) ** 2
+    side = reference.TOWER["image_size"]
+    per_frame = count_visual_tokens(model.config, reference.PROCESSOR_CONFIG, 1, side, side) - 1  # - newline
     began = time.perf_counter()
     for step in tqdm(range(start, steps), initial=start, total=steps, desc="caption", unit="step"):
         warm = min(1.0, (step + 1) / 50)
