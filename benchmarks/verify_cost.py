@@ -7,8 +7,12 @@ truncate back to the cached length, so every repetition sees the same cache):
 * ``verify q``: one EAGLE-style tree of q tokens (random parents before children, depth <= 6,
   mask from `ancestor_mask`) through the same adapter.
 
-The same steps run, on the same weights and cache contents, through transformers' own
-attention for comparison:
+The same steps run, on the same weights and cache contents, for comparison:
+
+* ``sparrow+mkl``: the same engine path with torch's own CPU linears (`F.linear`, MKL)
+  instead of the oneDNN-packed ones the engine uses (`sparrow.decoding.linear`);
+
+and through transformers' own attention:
 
 * ``sdpa+static``: attention "sdpa" over the same `StaticKVCache`, the tree given as a 4-D
   additive mask; with a mask, transformers' sdpa path calls `repeat_kv` and so copies the
@@ -38,9 +42,10 @@ element:
 
 All rates are measured in the same run, on the same device, with the same threads:
 
-* R_gemm(q): GFLOP/s of torch.mm on the model's own linear shapes (d->d, d->kv, d->ffn,
-  ffn->d, d->vocab; the vocab shape on a 4096-column slice) at M = q, weighted by how often the
-  model runs each (its FLOPs over the sum of the per-shape median times).
+* R_gemm(q): GFLOP/s on the model's own linear shapes (d->d, d->kv, d->ffn, ffn->d,
+  d->vocab; the vocab shape on a 4096-column slice) at M = q, weighted by how often the model
+  runs each (its FLOPs over the sum of the per-shape median times), each shape with the faster
+  of torch.mm (MKL on CPU) and the oneDNN-packed kernel (CPU fp32); both are recorded.
 * R_attn(q): GFLOP/s of the GQA-packed attention matmuls at q, scores (G*q x D) @ (D x 1024)
   and values (G*q x 1024) @ (1024 x D), G = H / H_kv: the products a flash kernel runs on tiles
   that stay in cache. The unblocked (G*q x D) @ (D x T) is recorded too; it is slower because
@@ -81,12 +86,14 @@ from pathlib import Path
 
 import torch
 
+from sparrow.decoding.linear import available as linear_kernels_available
+from sparrow.decoding.linear import pack_linears, unpack_linears
 from sparrow.decoding.tree import ancestor_mask
 from sparrow.machine import machine_info
 from sparrow.targets import TargetAdapter, wrap_model
 
 STEP_DECODE = "decode"
-IMPLEMENTATIONS = ("sparrow", "sdpa+static", "sdpa+dynamic")
+IMPLEMENTATIONS = ("sparrow", "sparrow+mkl", "sdpa+static", "sdpa+dynamic")
 
 
 @dataclass(frozen=True)
@@ -317,31 +324,59 @@ def time_step(fn: Callable[[], object], reps: int, warmup: int, guard: CpuLoadGu
 # ---- machine rates ----------------------------------------------------------------------------
 
 
+def packed_mm(weight: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """x @ weight through the oneDNN-packed kernel the engine's CPU linears use
+    (`sparrow.decoding.linear`): weight (in, out) becomes an `nn.Linear(in, out)` and is packed."""
+    linear = torch.nn.Linear(weight.shape[0], weight.shape[1], bias=False, device=weight.device,
+                             dtype=weight.dtype)
+    with torch.no_grad():
+        linear.weight.copy_(weight.t())
+    pack_linears(linear)
+    return torch.no_grad()(linear)
+
+
+def kernels(device: str, dtype) -> dict[str, Callable]:
+    """The matmul kernels a rate is measured with: name -> (weight -> (x -> x @ weight))."""
+    found = {"mkl": lambda w: (lambda x: torch.mm(x, w))}
+    if device == "cpu" and dtype == torch.float32 and linear_kernels_available():
+        found["onednn"] = packed_mm
+    return found
+
+
 def measure_gemm(shape: TargetShape, rows: list[int], dtype, device, guard, sync,
                  reps: int) -> dict:
-    """GFLOP/s of torch.mm on the model's linear shapes at M = each of `rows`.
+    """GFLOP/s of the model's linear shapes at M = each of `rows`, per kernel (torch.mm, i.e.
+    MKL on CPU; oneDNN-packed where the engine uses it) and with the faster kernel per shape.
 
     Per M, the rate of the model's mix: all FLOPs of one pass over every linear (the layers and
     lm_head) divided by the sum of the per-shape median times. lm_head is timed on a
     4096-column slice (in cache, like the other weights); its DRAM traffic is in the bytes term.
     """
-    per_shape, mix = {}, {}
+    per_shape: dict[str, float] = {}
+    mix: dict[str, dict[str, float]] = {"best": {}}
     counts: dict[tuple[int, int], float] = {}
     for fan_in, fan_out in shape.linear_shapes():
         key = (fan_in, min(fan_out, 4096))
         counts[key] = counts.get(key, 0) + fan_out / key[1]
+    found = kernels(device, dtype)
     for m in rows:
-        total_flops = total_s = 0.0
+        total_flops, total_s = 0.0, dict.fromkeys([*found, "best"], 0.0)
         for (fan_in, fan_out), count in counts.items():
             x = torch.randn(m, fan_in, dtype=dtype, device=device)
             w = torch.randn(fan_in, fan_out, dtype=dtype, device=device)
-            timing = time_step(lambda x=x, w=w: torch.mm(x, w), reps, 2, guard, sync, 0.1)
             flops = 2 * m * fan_in * fan_out
-            per_shape[f"{m}x{fan_in}x{fan_out}"] = flops / timing.median_s / 1e9
+            best = float("inf")
+            for name, make in found.items():
+                matmul = make(w)
+                timing = time_step(lambda x=x, f=matmul: f(x), reps, 2, guard, sync, 0.1)
+                per_shape[f"{name}:{m}x{fan_in}x{fan_out}"] = flops / timing.median_s / 1e9
+                total_s[name] += count * timing.median_s
+                best = min(best, timing.median_s)
             total_flops += count * flops
-            total_s += count * timing.median_s
-        mix[str(m)] = total_flops / total_s / 1e9
-    return {"model_mix_gflops": mix, "per_shape_gflops": per_shape}
+            total_s["best"] += count * best
+        for name, seconds in total_s.items():
+            mix.setdefault(name, {})[str(m)] = total_flops / seconds / 1e9
+    return {"model_mix_gflops": mix["best"], "mix_gflops_by_kernel": mix, "per_shape_gflops": per_shape}
 
 
 def measure_attention_matmul(shape: TargetShape, tree_sizes: list[int], lengths: list[int],
@@ -349,7 +384,8 @@ def measure_attention_matmul(shape: TargetShape, tree_sizes: list[int], lengths:
     """GFLOP/s of the GQA-packed attention matmuls, per tree size q.
 
     Blocked (used by the roofline): scores (G*q x D) @ (D x block) and values
-    (G*q x block) @ (block x D), the products a flash kernel runs with its tiles in cache.
+    (G*q x block) @ (block x D), the products a flash kernel runs with its tiles in cache, each
+    with the faster of the kernels (`kernels`; the block prepacked for oneDNN).
     Unblocked (recorded, for each of `lengths`): (G*q x D) @ (D x T), which also writes the
     whole G*q x T score matrix to memory, traffic a fused kernel never has.
     """
@@ -357,15 +393,19 @@ def measure_attention_matmul(shape: TargetShape, tree_sizes: list[int], lengths:
     keys_block = torch.randn(d, block, dtype=dtype, device=device)
     values_block = torch.randn(block, d, dtype=dtype, device=device)
     blocked, unblocked = {}, {}
+    found = kernels(device, dtype)
     for q in tree_sizes:
         rows = groups * q
         queries = torch.randn(rows, d, dtype=dtype, device=device)
         probs = torch.randn(rows, block, dtype=dtype, device=device)
         flops = 2 * rows * d * block
-        scores_s = time_step(lambda a=queries: torch.mm(a, keys_block), reps, 2, guard, sync,
-                             0.1).median_s
-        values_s = time_step(lambda p=probs: torch.mm(p, values_block), reps, 2, guard, sync,
-                             0.1).median_s
+        scores_s = values_s = float("inf")
+        for make in found.values():
+            scores, values = make(keys_block), make(values_block)
+            scores_s = min(scores_s, time_step(lambda a=queries, f=scores: f(a), reps, 2, guard,
+                                               sync, 0.1).median_s)
+            values_s = min(values_s, time_step(lambda p=probs, f=values: f(p), reps, 2, guard,
+                                               sync, 0.1).median_s)
         blocked[str(q)] = 2 * flops / (scores_s + values_s) / 1e9
         for length in lengths:
             keys_t = torch.randn(d, length, dtype=dtype, device=device)
@@ -413,6 +453,8 @@ def combine_rates(rounds: list[dict]) -> dict:
     return {
         "rounds": len(rounds),
         "gemm_gflops": median_of(("gemm", "model_mix_gflops")),
+        "gemm_gflops_by_kernel": {kernel: median_of(("gemm", "mix_gflops_by_kernel", kernel))
+                                  for kernel in rounds[0]["gemm"]["mix_gflops_by_kernel"]},
         "attention_gflops": median_of(("attention", "blocked_gflops")),
         "attention_unblocked_gflops": median_of(("attention", "unblocked_gflops")),
         "attention_block": rounds[0]["attention"]["block"],
@@ -425,7 +467,8 @@ def combine_rates(rounds: list[dict]) -> dict:
 def time_breakdown(fn: Callable[[], object], sync) -> dict[str, float]:
     """Seconds of one call by kind of operation (torch.profiler self time on the calling thread).
 
-    linear: aten::mm / addmm (the model's linears and lm_head); attention: the SDPA kernels and
+    linear: aten::mm / addmm or oneDNN's packed linear (the model's linears and lm_head);
+    attention: the SDPA kernels and
     transformers' repeat_kv copies; other: everything else, mostly many small element-wise ops.
     """
     from torch.profiler import ProfilerActivity, profile
@@ -439,7 +482,7 @@ def time_breakdown(fn: Callable[[], object], sync) -> dict[str, float]:
     for event in profiler.key_averages():
         name = event.key
         seconds = event.self_cpu_time_total / 1e6
-        if name in ("aten::mm", "aten::addmm", "aten::bmm"):
+        if name in ("aten::mm", "aten::addmm", "aten::bmm", "mkldnn::_linear_pointwise"):
             kinds["linear"] += seconds
         elif "attention" in name or name in ("aten::clone", "aten::_unsafe_view"):
             kinds["attention"] += seconds
@@ -504,6 +547,22 @@ def sdpa_step(adapter: TargetAdapter, cache, tokens, depths, tree_mask, length: 
     return adapter.lm_head(out.last_hidden_state[0]).float()
 
 
+class Linears:
+    """Run an implementation with the engine's packed CPU linears (the default) or, for
+    "sparrow+mkl", with torch's own (MKL) `F.linear`; packed again on exit."""
+
+    def __init__(self, adapter: TargetAdapter, implementation: str):
+        self.model, self.plain = adapter.model, implementation == "sparrow+mkl"
+
+    def __enter__(self):
+        if self.plain:
+            unpack_linears(self.model)
+
+    def __exit__(self, *exc):
+        if self.plain:
+            pack_linears(self.model)
+
+
 class AttentionImplementation:
     """Temporarily route the language model's attention through `name`."""
 
@@ -526,7 +585,7 @@ def step_functions(adapter: TargetAdapter, implementation: str, length: int, q: 
         depths, mask = torch.zeros(1, dtype=torch.long), torch.ones(1, 1, dtype=torch.bool)
     else:
         _, depths, mask = tree
-    if implementation == "sparrow":
+    if implementation in ("sparrow", "sparrow+mkl"):  # the linears are switched by `Linears`
         def run():
             logits = adapter.forward(tokens, depths, mask if q > 1 else None).logits
             adapter.truncate(length)
@@ -600,7 +659,8 @@ def run(args: argparse.Namespace) -> dict:
             for implementation in ("sparrow", *args.compare):
                 run_step = step_functions(adapter, implementation, length, q, trees.get(q),
                                           dynamic)
-                timing = time_step(run_step, reps, args.warmup, guard, sync)
+                with Linears(adapter, implementation):
+                    timing = time_step(run_step, reps, args.warmup, guard, sync)
                 if adapter.cache_length != length:
                     raise RuntimeError(f"{implementation} did not roll the cache back")
                 step = {
@@ -704,6 +764,7 @@ def write_markdown(results: dict, path: Path) -> None:
     target = results["target"]
     steps = results["steps"]
     ours = [s for s in steps if s["implementation"] == "sparrow"]
+    by_kernel = {k: v for k, v in rates.get("gemm_gflops_by_kernel", {}).items() if k != "best"}
     lines = [
         "# Verify and decode cost beside the roofline",
         "",
@@ -724,10 +785,11 @@ def write_markdown(results: dict, path: Path) -> None:
         f"Bandwidth BW: {rates['read_gbps']:.1f} GB/s read (sum over 1 GiB), "
         f"{rates['copy_gbps']:.1f} GB/s copy (read + write).",
         "",
-        "| q | R_gemm(q) GFLOP/s: model linear mix, M = q | R_attn(q) GFLOP/s: "
-        f"(G*q x D) @ (D x {rates['attention_block']}) and P @ V | "
-        "unblocked (G*q x D) @ (D x T) GFLOP/s |",
-        "|---:|---:|---:|---|",
+        "| q | R_gemm(q) GFLOP/s: model linear mix, M = q, faster kernel per shape | "
+        + "".join(f"{kernel} mix | " for kernel in by_kernel)
+        + f"R_attn(q) GFLOP/s: (G*q x D) @ (D x {rates['attention_block']}) and P @ V | "
+        "unblocked (G*q x D) @ (D x T) GFLOP/s (MKL) |",
+        "|---:|---:|" + "---:|" * len(by_kernel) + "---:|---|",
     ]
     for q in sorted(rates["gemm_gflops"], key=int):
         unblocked = ", ".join(
@@ -736,7 +798,8 @@ def write_markdown(results: dict, path: Path) -> None:
                                      key=lambda item: int(item[0].split("@")[1]))
             if key.split("@")[0] == q)
         lines.append(f"| {q} | {rates['gemm_gflops'][q]:.1f} | "
-                     f"{rates['attention_gflops'][q]:.1f} | {unblocked} |")
+                     + "".join(f"{by_kernel[k][q]:.1f} | " for k in by_kernel)
+                     + f"{rates['attention_gflops'][q]:.1f} | {unblocked} |")
     lines += [
         "",
         "roofline = FLOPs_linear / R_gemm(q) + FLOPs_attn / R_attn(q) + bytes / BW, at the "
@@ -780,7 +843,11 @@ def write_markdown(results: dict, path: Path) -> None:
     if others:
         lines += [
             "",
-            "## transformers' sdpa attention, same weights and cache contents",
+            "## Other implementations, same weights and cache contents",
+            "",
+            "sparrow+mkl: the same engine path with torch's own CPU linears (MKL) instead of "
+            "the oneDNN-packed ones; sdpa+static / sdpa+dynamic: transformers' sdpa attention "
+            "over our static cache / its DynamicCache.",
             "",
             "| cached tokens | step | sparrow ms | "
             + " | ".join(f"{i} ms (x sparrow)" for i in others) + " |",
@@ -816,7 +883,7 @@ def write_plot(results: dict, path: Path) -> None:
     steps = results["steps"]
     lengths = sorted({s["length"] for s in steps})
     figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    styles = {"sparrow": "-", "sdpa+static": ":", "sdpa+dynamic": "-."}
+    styles = {"sparrow": "-", "sparrow+mkl": (0, (5, 1)), "sdpa+static": ":", "sdpa+dynamic": "-."}
     for index, length in enumerate(lengths):
         color = f"C{index}"
         ours = sorted((s for s in steps if s["length"] == length
@@ -866,9 +933,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-depth", type=int, default=6, help="deepest tree level")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--compare", nargs="*", default=["sdpa+static", "sdpa+dynamic"],
+    parser.add_argument("--compare", nargs="*", default=["sparrow+mkl", "sdpa+static", "sdpa+dynamic"],
                         choices=[i for i in IMPLEMENTATIONS if i != "sparrow"],
-                        help="transformers implementations timed beside sparrow")
+                        help="implementations timed beside sparrow")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: torch's own default)")
     parser.add_argument("--idle-threshold", type=float, default=0.25,

@@ -118,9 +118,10 @@ class LargeOutputs(TorchDispatchMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
-                  if isinstance(t, torch.Tensor)}
+                  if isinstance(t, torch.Tensor) and t.layout == torch.strided}  # not oneDNN-packed
         for tensor in tree_flatten(out)[0]:
-            if (isinstance(tensor, torch.Tensor) and tensor.numel() >= self.limit
+            if (isinstance(tensor, torch.Tensor) and tensor.layout == torch.strided
+                    and tensor.numel() >= self.limit
                     and tensor.untyped_storage().data_ptr() not in inputs):  # not a view
                 self.seen.append((str(func), tuple(tensor.shape)))
         return out

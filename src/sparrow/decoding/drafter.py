@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from sparrow.decoding.attention import build_attention_mask
+from sparrow.decoding.linear import pack_linears
 from sparrow.decoding.tree import Tree, TreeSpec, select_nodes
 from sparrow.draft import DraftModel
 from sparrow.targets.base import PrefillOutput, TargetAdapter
@@ -53,6 +54,7 @@ class DraftProposer:
     ):
         spec.validate()
         self.draft, self.target, self.spec = draft, target, spec
+        pack_linears(draft)  # CPU fp32: oneDNN kernels, as the target's (decoding.linear)
         self.mode = mode or draft.mode  # "sparrow" (text only) or "eagle" (every position)
         self.length = 0  # committed pairs in the draft cache
         self.cache = None

@@ -28,6 +28,7 @@ from transformers import PreTrainedModel
 
 from sparrow.decoding.attention import build_attention_mask, register
 from sparrow.decoding.cache import StaticKVCache
+from sparrow.decoding.linear import pack_linears
 from sparrow.errors import CheckpointError
 from sparrow.video.prompt import video_token_id
 
@@ -91,6 +92,9 @@ class TargetAdapter:
         name: str | None = None,
     ):
         self.model = model.eval()
+        # CPU fp32 linears through oneDNN's packed kernels (1.5-2x MKL's on AVX-512 CPUs; same
+        # results to fp32 rounding): see sparrow.decoding.linear.
+        pack_linears(self.model)
         self.tokenizer = tokenizer
         self.processor_config = processor_config
         self.name = name or getattr(model.config, "_name_or_path", "") or model.config.model_type
