@@ -284,10 +284,12 @@ def time_step(fn: Callable[[], object], reps: int, warmup: int, guard: CpuLoadGu
               sync: Callable[[], None], min_rep_s: float = 0.0) -> Timing:
     """Median wall time of one call of `fn` over `reps` undisturbed repetitions.
 
-    After `warmup` calls, each repetition waits for an idle CPU, then times enough back-to-back
-    calls to last `min_rep_s` (one call for model steps) and divides. A repetition during which
-    other processes used at least --idle-threshold cores (and at least 3 scheduler ticks, the
-    resolution of /proc/stat) is redone, up to 4 * reps attempts.
+    After `warmup` calls and a wait for an idle CPU, repetitions run back to back, as decoding
+    steps do (a pause before each one let the thread pool fall asleep and cost a 2k-cache decode
+    step ~25%); each times enough calls to last `min_rep_s` (one call for model steps) and
+    divides. A repetition during which other processes used at least --idle-threshold cores (and
+    at least 3 scheduler ticks, the resolution of /proc/stat) is redone after another wait for
+    an idle CPU, up to 4 * reps attempts.
     """
     for _ in range(warmup):
         fn()
@@ -300,9 +302,12 @@ def time_step(fn: Callable[[], object], reps: int, warmup: int, guard: CpuLoadGu
         inner = max(1, int(min_rep_s / max(time.perf_counter() - began, 1e-6)))
     times, loads, disturbed = [], [], 0
     attempts = 0
+    quiet = False
     while len(times) < reps and attempts < 4 * reps:
         attempts += 1
-        guard.wait_idle()
+        if not quiet:
+            guard.wait_idle()
+            quiet = True
         start = guard.begin()
         began = time.perf_counter()
         for _ in range(inner):
@@ -312,6 +317,7 @@ def time_step(fn: Callable[[], object], reps: int, warmup: int, guard: CpuLoadGu
         load = guard.others(start)
         if load >= guard.threshold and elapsed * load * guard.ticks >= 3:
             disturbed += 1
+            quiet = False
             continue
         times.append(elapsed / inner)
         loads.append(round(load, 3))
@@ -895,8 +901,8 @@ def write_plot(results: dict, path: Path) -> None:
             rows = sorted((s for s in steps if s["length"] == length
                            and s["implementation"] == implementation), key=lambda s: s["q"])
             if rows:
-                left.plot([s["q"] for s in rows], [s["median_s"] * 1e3 for s in rows], style,
-                          marker="o", color=color, label=f"{length}: {implementation}")
+                left.plot([s["q"] for s in rows], [s["median_s"] * 1e3 for s in rows],
+                          linestyle=style, marker="o", color=color, label=f"{length}: {implementation}")
         right.plot(qs, [s["measured_over_roofline"] for s in ours], "-o", color=color,
                    label=f"{length} cached")
     right.axhline(1.3, color="grey", linestyle="--", linewidth=1, label="1.3x goal")
