@@ -310,3 +310,24 @@ def test_bad_arguments_raise_clear_errors():
         generate_scene(0, 8, config=SceneConfig(event_kinds=("explode",)))
     with pytest.raises(ValueError, match="difficulty"):
         SceneConfig.preset("impossible")
+
+
+def test_regions_do_not_depend_on_frame_count_and_are_described():
+    from sparrow.video.synthetic import region_of
+
+    assert [region_of(0.1, 0.1), region_of(0.5, 0.5), region_of(0.9, 0.5), region_of(0.5, 0.9)] == [
+        "top left", "middle", "right", "bottom"]
+    for seed in range(10):
+        short, long = (scene_facts(generate_scene(seed, n, 64, 48)) for n in (6, 64))
+        assert [(o.start_region, o.move_regions, o.end_region) for o in short.objects] == [
+            (o.start_region, o.move_regions, o.end_region) for o in long.objects]
+        for obj in long.objects:
+            assert obj.start_region and len(obj.move_regions) == sum(
+                e.kind == "move" and e.object_ids[0] == obj.id for e in long.events)
+            assert bool(obj.end_region) == obj.visible_at_end
+        text = describe(long, 0)
+        first = next(o for o in long.objects if o.visible_at_start)
+        phrase = {"middle": "in the middle", "left": "on the left", "right": "on the right",
+                  "top": "at the top", "bottom": "at the bottom"}.get(first.start_region,
+                                                                     f"in the {first.start_region}")
+        assert f"{first.size} {first.colour} {first.shape} {phrase}" in text, text

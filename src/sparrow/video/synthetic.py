@@ -243,6 +243,11 @@ class ObjectFact:
     motions: tuple[str, ...]  # directions travelled, in order (a collision's approach included)
     visible_at_start: bool
     visible_at_end: bool
+    # Where it is (one of REGIONS, thirds of the frame): when it first appears, at the end of
+    # each of its moves (in order), and at the end of the video ("" if gone by then).
+    start_region: str = ""
+    move_regions: tuple[str, ...] = ()
+    end_region: str = ""
 
 
 @dataclass(frozen=True)
@@ -280,7 +285,8 @@ class VideoFacts:
     @classmethod
     def from_dict(cls, data: dict) -> VideoFacts:
         objects = tuple(
-            ObjectFact(**{**obj, "colours": tuple(obj["colours"]), "motions": tuple(obj["motions"])})
+            ObjectFact(**{**obj, "colours": tuple(obj["colours"]), "motions": tuple(obj["motions"]),
+                          "move_regions": tuple(obj.get("move_regions", ()))})
             for obj in data["objects"]
         )
         events = tuple(
@@ -789,11 +795,28 @@ def write_scene(scene: Scene, path: str | os.PathLike) -> Path:
 # ---------------------------------------------------------------------------------------------
 
 
+REGIONS: tuple[str, ...] = ("top left", "top", "top right", "left", "middle", "right",
+                           "bottom left", "bottom", "bottom right")
+
+
+def region_of(x: float, y: float) -> str:
+    """The third of the frame (x, y in [0, 1] of its width and height) a point is in."""
+    column = 0 if x < 1 / 3 else 2 if x > 2 / 3 else 1
+    row = 0 if y < 1 / 3 else 2 if y > 2 / 3 else 1
+    return REGIONS[3 * row + column]
+
+
 def scene_facts(scene: Scene) -> VideoFacts:
-    """The structured ground truth of a scene."""
+    """The structured ground truth of a scene. Regions are read from the tracks in normalized
+    time, so they do not depend on the frame count."""
     last = scene.num_frames - 1
+    short = min(scene.width, scene.height)
     objects = []
     for i, (obj, track) in enumerate(zip(scene.objects, scene.tracks, strict=True)):
+        def region(time: float, track: Track = track) -> str:
+            x, y = _positions(track, np.array([time]))[0]
+            return region_of(x * short / scene.width, y * short / scene.height)
+
         motions = []
         for event in scene.events:
             if i not in event.object_ids:
@@ -812,6 +835,10 @@ def scene_facts(scene: Scene) -> VideoFacts:
                 motions=tuple(motions),
                 visible_at_start=bool(scene.visible[0, i]),
                 visible_at_end=bool(scene.visible[last, i]),
+                start_region=region(track.appear),
+                move_regions=tuple(region(e.end_time) for e in scene.events
+                                   if e.kind == "move" and e.object_ids[0] == i),
+                end_region=region(1.0) if scene.visible[last, i] else "",
             )
         )
     counts = scene.visible.sum(axis=1)  # (T,)
@@ -925,6 +952,51 @@ def _the(facts: VideoFacts, object_id: int, event_index: int) -> str:
     return f"the {_colour_before_event(facts, object_id, event_index)} {facts.object(object_id).shape}"
 
 
+def _region_phrase(region: str) -> str:
+    """'in the top left', 'at the top', 'on the left', 'in the middle' ('' for no region)."""
+    if not region:
+        return ""
+    if region == "middle":
+        return "in the middle"
+    if region in ("left", "right"):
+        return f"on the {region}"
+    if region in ("top", "bottom"):
+        return f"at the {region}"
+    return f"in the {region}"
+
+
+def _placed(text: str, region: str) -> str:
+    """`text` followed by where it is, when the facts know."""
+    phrase = _region_phrase(region)
+    return f"{text} {phrase}" if phrase else text
+
+
+def _move_end(facts: VideoFacts, index: int, variant: int) -> str:
+    """' and stops in the top right': where the mover of event `index` stops ('' if unknown)."""
+    event = facts.events[index]
+    obj = facts.object(event.object_ids[0])
+    moves_before = sum(1 for e in facts.events[:index] if e.kind == "move" and e.object_ids[0] == obj.id)
+    if moves_before >= len(obj.move_regions):
+        return ""
+    phrase = _region_phrase(obj.move_regions[moves_before])
+    # No count words here ('ends' beside a list number reads as an object count).
+    return [f" and stops {phrase}", f" until it is {phrase}", f" and settles {phrase}",
+            f" and comes to rest {phrase}"][variant % 4]
+
+
+def _end_sentence(facts: VideoFacts, style: int) -> str:
+    """Where each object still in view is at the end, with its final colour ('' if none)."""
+    final = [obj for obj in facts.objects if obj.visible_at_end and obj.end_region]
+    if not final:
+        return ""
+    if style == 3:
+        return "Final positions: " + "; ".join(
+            f"the {obj.colours[-1]} {obj.shape} {_region_phrase(obj.end_region)}" for obj in final) + "."
+    lead = ["At the end, ", "In the last frame, ", "When the video ends, ", "", "In the final frame, "][style]
+    parts = _join([f"the {obj.colours[-1]} {obj.shape} is {_region_phrase(obj.end_region)}" for obj in final])
+    return f"{lead}{parts}."
+
+
 def _direction_phrase(direction: str, variant: int) -> str:
     horizontal = direction in ("left", "right")
     return [
@@ -939,11 +1011,12 @@ def _event_clause(facts: VideoFacts, index: int, variant: int) -> str:
     """One event as a clause without final punctuation, e.g. 'the red circle moves to the left'."""
     event = facts.events[index]
     if event.kind == "move":
-        return f"{_the(facts, event.object_ids[0], index)} {_direction_phrase(event.direction, variant)}"
+        return (f"{_the(facts, event.object_ids[0], index)} {_direction_phrase(event.direction, variant)}"
+                f"{_move_end(facts, index, variant)}")
     if event.kind == "enter":
-        name = _full_name(facts.object(event.object_ids[0]))
+        obj = facts.object(event.object_ids[0])
         verb = ["enters the scene", "appears", "comes into view", "joins the scene"][variant % 4]
-        return f"{name} {verb}"
+        return _placed(f"{_full_name(obj)} {verb}", obj.start_region)
     if event.kind == "leave":
         verb = ["leaves the scene", "disappears", "exits the frame", "vanishes"][variant % 4]
         return f"{_the(facts, event.object_ids[0], index)} {verb}"
@@ -991,12 +1064,14 @@ def _still_objects(facts: VideoFacts) -> list[ObjectFact]:
 
 def describe(facts: VideoFacts, style: int = 0) -> str:
     """A reference description of the video in one of `NUM_STYLES` styles (`style` is taken
-    modulo NUM_STYLES). Every style names each object with size, colour and shape, tells the
-    events in time order with ordinal words, says which objects stay still, and gives the object
-    count at the start and at the end."""
+    modulo NUM_STYLES). Every style names each object with size, colour, shape and where it is
+    (thirds of the frame), tells the events in time order with ordinal words and where moving
+    objects end up, says which objects stay still, where each object is at the end, and gives
+    the object count at the start and at the end."""
     style %= NUM_STYLES
     start_objects = [obj for obj in facts.objects if obj.visible_at_start]
-    names = _join([_full_name(obj) for obj in start_objects])
+    names = _join([_placed(_full_name(obj), obj.start_region) for obj in start_objects])
+    end = _end_sentence(facts, style)
     count = _objects_phrase(facts.count_start)
     count_end = _number(facts.count_end)
     background = _background_phrase(facts)
@@ -1058,6 +1133,8 @@ def describe(facts: VideoFacts, style: int = 0) -> str:
             f"By the end there {verb} {end_phrase} in view, compared with {_number(facts.count_start)} "
             "at the start."
         )
+    if end:  # before the closing count sentence
+        sentences.insert(len(sentences) - 1, end)
     return " ".join(sentences)
 
 
