@@ -144,6 +144,37 @@ def test_caption_training_resumes_exactly_and_exports_mergeable_weights(shard, t
                                atol=1e-6, rtol=0)
 
 
+def test_long_stage_starts_from_the_caption_weights_resumes_exactly_and_is_exported(shard, tmp_path):
+    runs = [tmp_path / "straight", tmp_path / "resumed"]
+    kwargs = dict(budget=200, lr=1e-3, projector_lr=1e-3, rank=2, seed=0, save_every=1, eval_every=0)
+    for run in runs:
+        run.mkdir()
+        rt.train_eyes(run, [shard], shard, steps=1, batch=8, lr=1e-3, seed=0, save_every=1, eval_every=100)
+        rt.train_caption(run, steps=1, **kwargs)
+    long = dict(kwargs, stage="long", frames={4: 1, 6: 1}, warmup=1)
+    rt.train_caption(runs[0], steps=2, **long)
+    rt.train_caption(runs[1], steps=2, stop_at=1, **long)
+    rt.train_caption(runs[1], steps=2, **long)
+    caption = torch.load(runs[0] / "caption.pt", weights_only=True)
+    a, b = (torch.load(r / "long.pt", weights_only=True) for r in runs)
+    assert a["step"] == b["step"] == 2 and caption["step"] == 1  # the caption stage is left alone
+    for key in a["trainable"]:
+        torch.testing.assert_close(a["trainable"][key], b["trainable"][key], rtol=0, atol=0)
+    assert any(not torch.equal(a["trainable"][k], caption["trainable"][k]) for k in a["trainable"])
+    logged = [json.loads(line) for line in (runs[0] / "long.jsonl").read_text().splitlines()]
+    assert [r["frames"] for r in logged if "loss" in r] and all(r["frames"] in (4, 6) for r in logged)
+
+    from safetensors import safe_open
+
+    weights = rt.export(runs[0], tmp_path / "eyes.safetensors")
+    with safe_open(str(weights), "pt") as file:
+        assert file.metadata()["caption_steps"] == "1" and file.metadata()["long_steps"] == "2"
+        key = next(k for k in a["trainable"] if "lora_B" in k)
+        layer, _, rest = key.partition(".lora_")
+        torch.testing.assert_close(file.get_tensor(f"{layer}.lora_{rest[0]}"),
+                                   a["trainable"][key].to(torch.float16))
+
+
 def test_missing_weights_say_how_to_make_them(tmp_path):
     from sparrow.errors import CheckpointError
 

@@ -1,6 +1,6 @@
 """Train the reference target's eyes: `python -m sparrow.training.reference_train RUN_DIR ...`.
 
-Two stages, each resumable exactly (checkpoints every `--save-every` steps, written atomically;
+Stages, each resumable exactly (checkpoints every `--save-every` steps, written atomically;
 the batch of step s is drawn from an RNG seeded by (seed, s), so a resumed run sees the same
 data as an uninterrupted one):
 
@@ -21,8 +21,15 @@ data as an uninterrupted one):
    the assistant tokens, about `--caption-tokens` tokens per step.
    Trained: the projector, the image newline, and LoRA adapters on SmolLM2's linear layers
    (the tower stays as stage 1 left it). bf16 autocast on CPU (2.1x fp32 GEMM throughput here).
-3. `export`: write the shipped weights (tower, projector, newline, LoRA factors) to one
-   safetensors file, which `sparrow.reference` merges into SmolLM2 at assembly.
+2b. `long`: the caption stage continued (from its final weights, lower learning rates) on
+   long clips, 96 to 384 frames (`LONG_FRAMES`: up to ~6,150 visual tokens) with some short
+   ones mixed in. Trained only to 64 frames, the model answered videos of 383 frames (6,129
+   tokens) with a sentence or two (held-out key-fact score 0.34 on 2 videos, against 0.75 at 64
+   frames). A 6k-token step costs ~50 s on 2 threads (CPU flash attention forward + backward is
+   half of it), so this stage is short and comes last.
+3. `export`: write the shipped weights (tower, projector, newline, LoRA factors) of the last
+   language-model stage that ran to one safetensors file, which `sparrow.reference` merges
+   into SmolLM2 at assembly.
 
 Seeds: training videos use seeds [0, 10**6); validation and `sparrow eval-target` use seeds
 from `EVAL_SEED_START` up, never trained on.
@@ -58,6 +65,9 @@ SHARD_VIDEOS = 500
 # language model learns to read short clips and long ones (64 frames = 1,025 visual tokens).
 CAPTION_FRAMES = {4: 2, 8: 3, 12: 2, 16: 2, 24: 1, 32: 1, 48: 1, 64: 1}
 EVAL_FRAMES = ((8, 4), (64, 2))  # (frames, videos) of the held-out check during caption training
+# Long stage: long clips (one conversation per step) and some short ones, so both stay read.
+LONG_FRAMES = {8: 1, 32: 1, 96: 1, 128: 2, 192: 2, 256: 2, 384: 2}
+LONG_EVAL_FRAMES = ((8, 4), (64, 2), (384, 2))
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -386,11 +396,13 @@ def render_clip(seed: int, num_frames: int, resize, scratch: Path) -> tuple[np.n
 
 
 def _caption_batch(tokenizer, model_config, resize, scratch: Path, seed: int, step: int, budget: int,
-                   per_frame: int) -> dict:
-    """Step `step`'s batch: one frame count (weighted draw from CAPTION_FRAMES), fresh training
-    seeds rendered on the fly, as many conversations as fit `budget` tokens (at least one)."""
-    rng = random.Random(f"{seed}-{step}")
-    num_frames = rng.choices(list(CAPTION_FRAMES), weights=list(CAPTION_FRAMES.values()))[0]
+                   per_frame: int, frames: dict[int, int] | None = None, stage: str = "caption") -> dict:
+    """Step `step`'s batch: one frame count (weighted draw from `frames`, default
+    CAPTION_FRAMES), fresh training seeds rendered on the fly, as many conversations as fit
+    `budget` tokens (at least one). Each stage draws from its own RNG stream."""
+    frames = frames or CAPTION_FRAMES
+    rng = random.Random(f"{seed}-{step}" if stage == "caption" else f"{seed}-{stage}-{step}")
+    num_frames = rng.choices(list(frames), weights=list(frames.values()))[0]
     visual = num_frames * per_frame + 1
     rows, clips = [], []
     while True:
@@ -468,11 +480,19 @@ def describe_score(model, tokenizer, facts_list, frames: np.ndarray, max_new_tok
 
 def train_caption(run: Path, steps: int, budget: int, lr: float,
                   projector_lr: float, rank: int, seed: int, save_every: int, eval_every: int,
-                  stop_at: int | None = None, eval_frames=EVAL_FRAMES) -> Path:
-    """Stage 2 up to `steps` (resuming from run/caption.pt); `stop_at` as in `train_eyes`."""
-    checkpoint, log = run / "caption.pt", run / "caption.jsonl"
+                  stop_at: int | None = None, eval_frames=EVAL_FRAMES, stage: str = "caption",
+                  frames: dict[int, int] | None = None, warmup: int = 50) -> Path:
+    """Stage 2 (`stage` "caption") or 2b ("long": starts from caption.pt's final weights, with
+    a fresh optimizer) up to `steps`, resuming from run/<stage>.pt; `stop_at` as in
+    `train_eyes`."""
+    checkpoint, log = run / f"{stage}.pt", run / f"{stage}.jsonl"
     model, tokenizer = build_caption_model(run / "eyes.pt", rank)
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if stage != "caption" and not checkpoint.is_file():
+        previous = torch.load(run / "caption.pt", weights_only=True)
+        if previous["step"] <= 0:
+            raise SystemExit(f"stage {stage} starts from the caption stage; run it first")
+        model.load_state_dict(previous["trainable"], strict=False)
     groups = [
         {"params": [p for n, p in trainable.items() if "lora_" in n], "lr": lr},
         {"params": [p for n, p in trainable.items() if "lora_" not in n], "lr": projector_lr},
@@ -488,7 +508,7 @@ def train_caption(run: Path, steps: int, budget: int, lr: float,
         model.load_state_dict(state["trainable"], strict=False)
         optimizer.load_state_dict(state["optimizer"])
         start = state["step"]
-        print(f"resuming caption at step {start}/{steps}", flush=True)
+        print(f"resuming {stage} at step {start}/{steps}", flush=True)
     if start >= steps:
         return checkpoint
     resize = _resize_fn()
@@ -496,11 +516,12 @@ def train_caption(run: Path, steps: int, budget: int, lr: float,
     side = reference.TOWER["image_size"]
     per_frame = count_visual_tokens(model.config, reference.PROCESSOR_CONFIG, 1, side, side) - 1  # - newline
     began = time.perf_counter()
-    for step in tqdm(range(start, steps), initial=start, total=steps, desc="caption", unit="step"):
-        warm = min(1.0, (step + 1) / 50)
+    for step in tqdm(range(start, steps), initial=start, total=steps, desc=stage, unit="step"):
+        warm = min(1.0, (step + 1) / warmup)
         for group, rate in zip(optimizer.param_groups, base, strict=True):
             group["lr"] = rate * warm
-        batch_data = _caption_batch(tokenizer, model.config, resize, scratch, seed, step, budget, per_frame)
+        batch_data = _caption_batch(tokenizer, model.config, resize, scratch, seed, step, budget, per_frame,
+                                    frames, stage)
         model.train()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = caption_loss(model, batch_data)
@@ -527,7 +548,7 @@ def train_caption(run: Path, steps: int, budget: int, lr: float,
                 scores[num_frames] = result["score"]
                 _log(log, {"step": done, "eval_frames": num_frames, "eval_score": result["score"],
                            "samples": result["samples"][:2]})
-            tqdm.write(f"caption step {done}: held-out key-fact score by frames {scores}")
+            tqdm.write(f"{stage} step {done}: held-out key-fact score by frames {scores}")
         if done == stop_at:
             break
     shutil.rmtree(scratch, ignore_errors=True)
@@ -544,7 +565,8 @@ def export(run: Path, out: Path) -> Path:
     from safetensors.torch import save_file
 
     eyes = torch.load(run / "eyes.pt", weights_only=True)["tower"]
-    caption = torch.load(run / "caption.pt", weights_only=True)
+    last = run / "long.pt" if (run / "long.pt").is_file() else run / "caption.pt"
+    caption = torch.load(last, weights_only=True)
     tensors = {f"model.vision_tower.{k}": v.float().contiguous() for k, v in eyes.items()}
     for name, value in caption["trainable"].items():
         if "lora_" in name:
@@ -555,7 +577,10 @@ def export(run: Path, out: Path) -> Path:
         else:
             tensors[name] = value.float().contiguous()
     rank = caption["rank"]
-    metadata = {"lora_rank": str(rank), "lora_alpha": str(2 * rank), "caption_steps": str(caption["step"]),
+    steps = {stage: str(torch.load(run / f"{stage}.pt", weights_only=True)["step"])
+             for stage in ("caption", "long") if (run / f"{stage}.pt").is_file()}
+    metadata = {"lora_rank": str(rank), "lora_alpha": str(2 * rank),
+                **{f"{stage}_steps": count for stage, count in steps.items()},
                 "tower": json.dumps(reference.TOWER), "rope_scaling": json.dumps(reference.ROPE_SCALING)}
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_suffix(".partial")
@@ -569,7 +594,7 @@ def main(argv: list[str] | None = None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", type=Path, help="run directory (corpus, checkpoints, logs)")
     parser.add_argument("--stage", default="all",
-                        choices=("corpus", "eyes", "align", "caption", "export", "all"))
+                        choices=("corpus", "eyes", "align", "caption", "long", "export", "all"))
     parser.add_argument("--train-shards", type=int, default=12, help=f"{SHARD_VIDEOS} videos each")
     parser.add_argument("--eyes-steps", type=int, default=3000)
     parser.add_argument("--eyes-batch", type=int, default=128, help="frames per step")
@@ -581,6 +606,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="tokens per caption step (visual + text; conversations are added up to it)")
     parser.add_argument("--lr", type=float, default=3e-4, help="LoRA learning rate")
     parser.add_argument("--projector-lr", type=float, default=2e-4)
+    parser.add_argument("--long-steps", type=int, default=200, help="long-clip steps (0: skip the stage)")
+    parser.add_argument("--long-lr", type=float, default=1.5e-4, help="LoRA learning rate, long stage")
+    parser.add_argument("--long-projector-lr", type=float, default=1e-4)
     parser.add_argument("--rank", type=int, default=16, help="LoRA rank")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--save-every", type=int, default=25)
@@ -601,6 +629,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.stage in ("caption", "all"):
         train_caption(args.run, args.caption_steps, args.caption_tokens, args.lr, args.projector_lr,
                       args.rank, args.seed, args.save_every, args.eval_every)
+    if args.stage in ("long", "all") and args.long_steps:
+        train_caption(args.run, args.long_steps, args.caption_tokens, args.long_lr, args.long_projector_lr,
+                      args.rank, args.seed, args.save_every, args.eval_every // 2, stage="long",
+                      frames=LONG_FRAMES, eval_frames=LONG_EVAL_FRAMES, warmup=10)
     if args.stage in ("export", "all"):
         print(f"wrote {export(args.run, args.out)}")
 
