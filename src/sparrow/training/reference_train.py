@@ -565,8 +565,9 @@ def export(run: Path, out: Path) -> Path:
     from safetensors.torch import save_file
 
     eyes = torch.load(run / "eyes.pt", weights_only=True)["tower"]
-    last = run / "long.pt" if (run / "long.pt").is_file() else run / "caption.pt"
-    caption = torch.load(last, weights_only=True)
+    stages = {stage: torch.load(run / f"{stage}.pt", weights_only=True)
+              for stage in ("caption", "long") if (run / f"{stage}.pt").is_file()}
+    caption = stages.get("long") or stages["caption"]  # the last language-model stage that ran
     tensors = {f"model.vision_tower.{k}": v.float().contiguous() for k, v in eyes.items()}
     for name, value in caption["trainable"].items():
         if "lora_" in name:
@@ -577,10 +578,8 @@ def export(run: Path, out: Path) -> Path:
         else:
             tensors[name] = value.float().contiguous()
     rank = caption["rank"]
-    steps = {stage: str(torch.load(run / f"{stage}.pt", weights_only=True)["step"])
-             for stage in ("caption", "long") if (run / f"{stage}.pt").is_file()}
     metadata = {"lora_rank": str(rank), "lora_alpha": str(2 * rank),
-                **{f"{stage}_steps": count for stage, count in steps.items()},
+                **{f"{stage}_steps": str(state["step"]) for stage, state in stages.items()},
                 "tower": json.dumps(reference.TOWER), "rope_scaling": json.dumps(reference.ROPE_SCALING)}
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_suffix(".partial")
