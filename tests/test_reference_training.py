@@ -222,3 +222,11 @@ def test_align_stage_brings_visual_tokens_towards_the_words_and_seeds_the_captio
     aligned = torch.load(tmp_path / "align.pt", weights_only=True)["projector"]
     for name, value in aligned.items():
         torch.testing.assert_close(model.model.multi_modal_projector.state_dict()[name], value)
+
+
+def test_language_model_stages_warm_up_hold_then_decay_over_the_last_third():
+    scales = [rt.lr_scale(step, 300, 10) for step in range(300)]
+    assert scales[0] == pytest.approx(0.1) and scales[9] == 1.0
+    assert set(scales[9:200]) == {1.0}  # constant until two thirds of the steps
+    assert all(a > b for a, b in zip(scales[200:], scales[201:], strict=False))
+    assert scales[-1] == pytest.approx(0.1, abs=1e-3)

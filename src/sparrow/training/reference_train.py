@@ -478,6 +478,19 @@ def describe_score(model, tokenizer, facts_list, frames: np.ndarray, max_new_tok
     return {"score": float(np.mean(scores)), "samples": samples}
 
 
+def lr_scale(step: int, steps: int, warmup: int) -> float:
+    """Learning-rate factor of a language-model stage: linear warm-up over `warmup` steps,
+    constant, then a cosine decay to 0.1 over the last third (added at caption step ~760 of the
+    shipped run, when the held-out score moved 0.49 -> 0.35 between steps 500 and 750 at the
+    constant rate; the decay starts at step 2,000, so that run follows this rule throughout)."""
+    decay_from = 2 * steps // 3
+    factor = min(1.0, (step + 1) / warmup)
+    if step >= decay_from:
+        progress = (step - decay_from) / max(1, steps - decay_from)
+        factor *= 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+    return factor
+
+
 def train_caption(run: Path, steps: int, budget: int, lr: float,
                   projector_lr: float, rank: int, seed: int, save_every: int, eval_every: int,
                   stop_at: int | None = None, eval_frames=EVAL_FRAMES, stage: str = "caption",
@@ -517,9 +530,9 @@ def train_caption(run: Path, steps: int, budget: int, lr: float,
     per_frame = count_visual_tokens(model.config, reference.PROCESSOR_CONFIG, 1, side, side) - 1  # - newline
     began = time.perf_counter()
     for step in tqdm(range(start, steps), initial=start, total=steps, desc=stage, unit="step"):
-        warm = min(1.0, (step + 1) / warmup)
+        scale = lr_scale(step, steps, warmup)
         for group, rate in zip(optimizer.param_groups, base, strict=True):
-            group["lr"] = rate * warm
+            group["lr"] = rate * scale
         batch_data = _caption_batch(tokenizer, model.config, resize, scratch, seed, step, budget, per_frame,
                                     frames, stage)
         model.train()
