@@ -157,6 +157,11 @@ def test_tree_verify_never_repeats_the_kv_cache(monkeypatch):
     target.forward(tokens[:1])  # AR decode step
 
 
+@pytest.mark.xfail(
+    DEVICE.type == "cuda", strict=True,
+    reason="on CUDA, SDPA has no fused kernel for GQA under a mask and its math fallback repeats "
+           "K/V per head; the copy-free alternative (memory-efficient kernel over a stride-0 "
+           "expand) measured 2.5x slower at 25k on an H200 (benchmarks/README.md)")
 def test_tree_verify_allocates_nothing_cache_sized():
     target, tokens, depths, mask, limit = _verify_setup()
     length = target.cache_length
