@@ -144,7 +144,12 @@ def test_caption_training_resumes_exactly_and_exports_mergeable_weights(shard, t
                                atol=1e-6, rtol=0)
 
 
-def test_long_stage_starts_from_the_caption_weights_resumes_exactly_and_is_exported(shard, tmp_path):
+def test_long_stage_starts_from_the_caption_weights_resumes_exactly_and_is_exported(shard, tmp_path,
+                                                                                 monkeypatch):
+    # The straight run also evaluates after every step (a held-out check must neither end the
+    # stage, as a variable it shadowed once did, nor change the training).
+    describe = rt.describe_score
+    monkeypatch.setattr(rt, "describe_score", lambda *a, **k: describe(*a, **k, max_new_tokens=3))
     runs = [tmp_path / "straight", tmp_path / "resumed"]
     kwargs = dict(budget=200, lr=1e-3, projector_lr=1e-3, rank=2, seed=0, save_every=1, eval_every=0)
     for run in runs:
@@ -152,7 +157,7 @@ def test_long_stage_starts_from_the_caption_weights_resumes_exactly_and_is_expor
         rt.train_eyes(run, [shard], shard, steps=1, batch=8, lr=1e-3, seed=0, save_every=1, eval_every=100)
         rt.train_caption(run, steps=1, **kwargs)
     long = dict(kwargs, stage="long", frames={4: 1, 6: 1}, warmup=1)
-    rt.train_caption(runs[0], steps=2, **long)
+    rt.train_caption(runs[0], steps=2, **dict(long, eval_every=1, eval_frames=((4, 1),)))
     rt.train_caption(runs[1], steps=2, stop_at=1, **long)
     rt.train_caption(runs[1], steps=2, **long)
     caption = torch.load(runs[0] / "caption.pt", weights_only=True)
@@ -162,7 +167,9 @@ def test_long_stage_starts_from_the_caption_weights_resumes_exactly_and_is_expor
         torch.testing.assert_close(a["trainable"][key], b["trainable"][key], rtol=0, atol=0)
     assert any(not torch.equal(a["trainable"][k], caption["trainable"][k]) for k in a["trainable"])
     logged = [json.loads(line) for line in (runs[0] / "long.jsonl").read_text().splitlines()]
-    assert [r["frames"] for r in logged if "loss" in r] and all(r["frames"] in (4, 6) for r in logged)
+    assert [r["frames"] for r in logged if "loss" in r] and all(r["frames"] in (4, 6) for r in logged
+                                                              if "loss" in r)
+    assert [r["step"] for r in logged if "eval_score" in r] == [1, 2]
 
     from safetensors import safe_open
 

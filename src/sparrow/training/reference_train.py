@@ -406,12 +406,12 @@ def _caption_batch(tokenizer, model_config, resize, scratch: Path, seed: int, st
     visual = num_frames * per_frame + 1
     rows, clips = [], []
     while True:
-        frames, facts = render_clip(rng.randrange(EVAL_SEED_START), num_frames, resize, scratch)
+        pixels, facts = render_clip(rng.randrange(EVAL_SEED_START), num_frames, resize, scratch)
         row = tokenize_conversation(tokenizer, model_config, data.conversation(facts, rng), visual)
         if rows and sum(len(ids) for ids, _ in rows) + len(row[0]) > budget:
             break
         rows.append(row)
-        clips.append(frames)
+        clips.append(pixels)
     length = max(len(ids) for ids, _ in rows)
     size = len(rows)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -556,8 +556,8 @@ def train_caption(run: Path, steps: int, budget: int, lr: float,
             scores = {}
             for num_frames, count in eval_frames:
                 clips = [render_clip(s, num_frames, resize, scratch) for s in list(VAL_SEEDS)[:count]]
-                frames = np.stack([c for c, _ in clips])  # (N, T, S, S, 3)
-                result = describe_score(model, tokenizer, [f for _, f in clips], frames)
+                pixels = np.stack([c for c, _ in clips])  # (N, T, S, S, 3)
+                result = describe_score(model, tokenizer, [f for _, f in clips], pixels)
                 scores[num_frames] = result["score"]
                 _log(log, {"step": done, "eval_frames": num_frames, "eval_score": result["score"],
                            "samples": result["samples"][:2]})
