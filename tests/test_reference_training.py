@@ -212,11 +212,20 @@ def test_align_targets_are_the_words_for_what_is_on_each_patch(tokenizer):
         "size": torch.tensor([[0, 1 + data.SIZE_NAMES.index("small")]]),
         "background": torch.tensor([synthetic.BACKGROUND_KINDS.index("noise")]),
         "background_colours": torch.tensor([[float(c == "beige") for c in data.BACKGROUND_COLOUR_NAMES]]),
+        "centre": torch.tensor([[[0.0, 0.0], [0.9, 0.2]]]),  # the circle's centre: top right
     }
     target = rt.patch_targets(tokenizer, embeddings, batch)  # (1, 2, 8)
     word = lambda w: rt.word_embedding(tokenizer, embeddings, w)  # noqa: E731
-    torch.testing.assert_close(target[0, 1], (word("small") + word("red") + word("circle")) / 3)
+    where = (word("top") + word("right")) / 2
+    torch.testing.assert_close(target[0, 1], (word("small") + word("red") + word("circle") + where) / 4)
     torch.testing.assert_close(target[0, 0], (word("beige") + word("noisy")) / 2)
+
+
+def test_region_index_reads_points_as_the_descriptions_do():
+    points = torch.rand(500, 2, generator=torch.Generator().manual_seed(0))
+    points[:4] = torch.tensor([[1 / 3, 0.5], [2 / 3, 2 / 3], [0.0, 1.0], [0.5, 1 / 3]])  # edges
+    expected = [synthetic.REGIONS.index(synthetic.region_of(float(x), float(y))) for x, y in points]
+    assert rt.region_index(points).tolist() == expected
 
 
 def test_align_stage_brings_visual_tokens_towards_the_words_and_seeds_the_caption_model(shard, tmp_path):
@@ -225,6 +234,7 @@ def test_align_stage_brings_visual_tokens_towards_the_words_and_seeds_the_captio
     lines = (tmp_path / "align.jsonl").read_text().splitlines()
     errors = [json.loads(line)["val_relative_error"] for line in lines]
     assert errors[-1] < 0.8 * errors[0], errors
+    assert all(0 <= json.loads(line)["val_region_accuracy"] <= 1 for line in lines)
     model, _ = rt.build_caption_model(tmp_path / "eyes.pt", rank=2)
     aligned = torch.load(tmp_path / "align.pt", weights_only=True)["projector"]
     for name, value in aligned.items():
