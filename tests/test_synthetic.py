@@ -297,6 +297,10 @@ def test_questions_are_answered_from_the_facts():
         assert answers[f"What shape is the {obj.colour} object?"] == obj.shape
         assert answers[f"What size is the {obj.colour} {obj.shape}?"] == obj.size
         assert answers[f"What colour is the {obj.shape}?"].startswith(obj.colour)
+        start = answers.get(f"Where is the {obj.colour} {obj.shape} at the start of the video?")
+        end = answers.get(f"Where is the {obj.colour} {obj.shape} at the end of the video?")
+        assert start is None if not obj.visible_at_start else obj.start_region in start.lower()
+        assert end is None if not obj.end_region else obj.end_region in end.lower()
     changed = any(e.kind == "change_colour" for e in facts.events)
     assert answers["Does any object change colour?"].startswith("Yes" if changed else "No")
 

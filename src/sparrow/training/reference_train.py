@@ -64,10 +64,10 @@ SHARD_VIDEOS = 500
 # Caption stage: frame counts drawn with these weights (16 visual tokens per frame), so the
 # language model learns to read short clips and long ones (64 frames = 1,025 visual tokens).
 CAPTION_FRAMES = {4: 2, 8: 3, 12: 2, 16: 2, 24: 1, 32: 1, 48: 1, 64: 1}
-EVAL_FRAMES = ((8, 4), (64, 2))  # (frames, videos) of the held-out check during caption training
+EVAL_FRAMES = ((16, 8), (64, 4))  # (frames, videos) of the held-out check during caption training
 # Long stage: long clips (one conversation per step) and some short ones, so both stay read.
 LONG_FRAMES = {8: 1, 32: 1, 96: 1, 128: 2, 192: 2, 256: 2, 384: 2}
-LONG_EVAL_FRAMES = ((8, 4), (64, 2), (384, 2))
+LONG_EVAL_FRAMES = ((16, 8), (64, 4), (384, 2))
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -491,7 +491,7 @@ def describe_score(model, tokenizer, facts_list, frames: np.ndarray, max_new_tok
     from sparrow.video.processing import VideoInputs
     from sparrow.video.prompt import render_chat
 
-    scores, samples = [], []
+    scores, samples, kinds = [], [], {}
     config = model.config
     side = reference.TOWER["image_size"]
     visual = count_visual_tokens(config, reference.PROCESSOR_CONFIG, frames.shape[1], side, side)
@@ -507,7 +507,11 @@ def describe_score(model, tokenizer, facts_list, frames: np.ndarray, max_new_tok
         score = synthetic.score_description(text, facts)
         scores.append(score["score"])
         samples.append({"seed": facts.seed, "score": score["score"], "text": text})
-    return {"score": float(np.mean(scores)), "samples": samples}
+        for kind, (correct, total) in score["by_kind"].items():
+            tally = kinds.setdefault(kind, [0, 0])
+            tally[0], tally[1] = tally[0] + correct, tally[1] + total
+    by_kind = {k: round(c / t, 3) for k, (c, t) in sorted(kinds.items()) if t}
+    return {"score": float(np.mean(scores)), "by_kind": by_kind, "samples": samples}
 
 
 def lr_scale(step: int, steps: int, warmup: int) -> float:
@@ -592,7 +596,7 @@ def train_caption(run: Path, steps: int, budget: int, lr: float,
                 result = describe_score(model, tokenizer, [f for _, f in clips], pixels)
                 scores[num_frames] = result["score"]
                 _log(log, {"step": done, "eval_frames": num_frames, "eval_score": result["score"],
-                           "samples": result["samples"][:2]})
+                           "by_kind": result["by_kind"], "samples": result["samples"][:2]})
             tqdm.write(f"{stage} step {done}: held-out key-fact score by frames {scores}")
         if done == stop_at:
             break

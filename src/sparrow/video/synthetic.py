@@ -1155,6 +1155,11 @@ def questions(facts: VideoFacts) -> list[tuple[str, str]]:
             (f"What shape is the {obj.colour} object?", obj.shape),
             (f"What size is the {name}?", obj.size),
         ]
+        for when, region in (("start", obj.start_region if obj.visible_at_start else ""),
+                             ("end", obj.end_region)):
+            if region:  # where it is, in the descriptions' words: "In the top left."
+                pairs.append((f"Where is the {name} at the {when} of the video?",
+                              _capital(_region_phrase(region)) + "."))
         if obj.motions:
             pairs.append((f"Does the {name} move?", f"Yes, it moves {', then '.join(obj.motions)}."))
             pairs.append((f"Which direction does the {name} move?", ", then ".join(obj.motions)))
