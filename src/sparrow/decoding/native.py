@@ -1,0 +1,112 @@
+"""Native CPU kernels, compiled on first use with the machine's C compiler.
+
+`decode_attention` is the one-query grouped-query attention of an AR decode step over a long
+fp32 cache (`kernels/decode_attention.c` says why and how). The C source ships with the
+package; the first call compiles it (`cc -O3 -march=native -fopenmp`, well under a second) into
+`$SPARROW_HOME/kernels/`, named by a hash of the source, the flags, the compiler and the CPU's
+feature flags, so a shared home never hands a library to a machine it was not built for. The
+library links the OpenMP runtime torch has already loaded, so its threads are torch's.
+
+Without a compiler (or with SPARROW_NATIVE=0) nothing is built and callers fall back to
+torch's kernels: `decode_attention` returns None.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).parent / "kernels" / "decode_attention.c"
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
+MIN_LENGTH = 2048  # shorter caches keep SDPA (the call costs a few microseconds more)
+CHUNK = 512  # keys per work item at most: fp32 sums over at most 512 terms before the merge
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return ""
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The compiled kernel library, or None (no compiler, a failed build, SPARROW_NATIVE=0)."""
+    if os.environ.get("SPARROW_NATIVE", "1") == "0":
+        return None
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        return None
+    try:
+        version = subprocess.run([compiler, "--version"], capture_output=True, text=True,
+                                 timeout=30).stdout.splitlines()[0]
+    except (OSError, subprocess.SubprocessError, IndexError):
+        return None
+    from sparrow.smollm2 import cache_home
+
+    key = hashlib.sha256("\n".join([SOURCE.read_text(), " ".join(FLAGS), version, _cpu_flags()])
+                         .encode()).hexdigest()[:16]
+    target = cache_home() / "kernels" / f"decode_attention-{key}.so"
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+            built = Path(scratch) / target.name
+            result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built), "-lm"],
+                                    capture_output=True, text=True, timeout=120)
+            if result.returncode != 0:
+                print(f"sparrow: could not build the native decode kernel ({compiler}): "
+                      f"{result.stderr.strip()[:500]}; using torch's attention", file=sys.stderr)
+                return None
+            os.replace(built, target)  # atomic: a concurrent build publishes the same bytes
+    lib = ctypes.CDLL(str(target))
+    i64, f32p = ctypes.c_int64, ctypes.POINTER(ctypes.c_float)
+    lib.decode_attention.argtypes = [f32p, f32p, f32p, f32p, i64, i64, i64, i64, i64, i64, i64,
+                                     i64, ctypes.c_float, i64, ctypes.c_int]
+    lib.decode_attention.restype = ctypes.c_int
+    return lib
+
+
+def _pointer(tensor: torch.Tensor):
+    return ctypes.cast(tensor.data_ptr(), ctypes.POINTER(ctypes.c_float))
+
+
+def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     scale: float) -> torch.Tensor | None:
+    """softmax(q K^T * scale) V for one new token; None where the kernel does not apply.
+
+    query (1, H, 1, D); key, value (1, H_kv, T, D) with unit stride along D (views of the cache
+    are fine); fp32 on the CPU, no autograd. Returns (1, H, 1, D).
+    """
+    batch, heads, q_len, dim = query.shape
+    kv_heads, length = key.shape[1], key.shape[2]
+    if (batch != 1 or q_len != 1 or length < MIN_LENGTH or query.device.type != "cpu"
+            or not all(t.dtype == torch.float32 for t in (query, key, value))
+            or key.stride(-1) != 1 or value.stride(-1) != 1 or heads % kv_heads
+            or torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))):
+        return None
+    lib = library()
+    if lib is None:
+        return None
+    q = query.reshape(heads, dim).contiguous()
+    out = torch.empty(heads, dim, dtype=torch.float32)
+    threads = torch.get_num_threads()
+    chunks = max(-(-threads // kv_heads), -(-length // CHUNK))
+    status = lib.decode_attention(_pointer(q), _pointer(key), _pointer(value), _pointer(out),
+                                  kv_heads, heads // kv_heads, dim, length, key.stride(1),
+                                  key.stride(2), value.stride(1), value.stride(2), scale, chunks,
+                                  threads)
+    if status != 0:
+        return None
+    return out.reshape(1, heads, 1, dim)
