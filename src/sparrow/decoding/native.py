@@ -103,10 +103,11 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     out = torch.empty(heads, dim, dtype=torch.float32)
     threads = torch.get_num_threads()
     chunks = max(-(-threads // kv_heads), -(-length // CHUNK))
-    status = lib.decode_attention(_pointer(q), _pointer(key), _pointer(value), _pointer(out),
-                                  kv_heads, heads // kv_heads, dim, length, key.stride(1),
-                                  key.stride(2), value.stride(1), value.stride(2), scale, chunks,
-                                  threads)
+    with torch.profiler.record_function("sparrow::native_decode_attention"):  # named in profiles
+        status = lib.decode_attention(_pointer(q), _pointer(key), _pointer(value), _pointer(out),
+                                      kv_heads, heads // kv_heads, dim, length, key.stride(1),
+                                      key.stride(2), value.stride(1), value.stride(2), scale,
+                                      chunks, threads)
     if status != 0:
         return None
     return out.reshape(1, heads, 1, dim)
