@@ -105,3 +105,16 @@ def test_decoding_through_the_kernel_equals_generate(built, family, monkeypatch)
     result = generate(target, input_ids, None, method="ar", max_new_tokens=16)
     assert result.token_ids == reference
     assert calls and all(calls)
+
+
+def test_an_unwritable_cache_falls_back_with_a_message(built, tmp_path, monkeypatch, capsys):
+    home = tmp_path / "home"
+    home.write_text("a file where the cache directory should be")
+    monkeypatch.setenv("SPARROW_HOME", str(home))
+    native.library.cache_clear()
+    try:
+        query, key, value = _case(2, 6, 64, 4096, capacity=4096)
+        assert native.decode_attention(query, key, value, 0.125) is None
+    finally:
+        native.library.cache_clear()
+    assert "could not build or load the native decode kernel" in capsys.readouterr().err

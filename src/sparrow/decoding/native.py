@@ -59,18 +59,21 @@ def library() -> ctypes.CDLL | None:
     key = hashlib.sha256("\n".join([SOURCE.read_text(), " ".join(FLAGS), version, _cpu_flags()])
                          .encode()).hexdigest()[:16]
     target = cache_home() / "kernels" / f"decode_attention-{key}.so"
-    if not target.is_file():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
-            built = Path(scratch) / target.name
-            result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built), "-lm"],
-                                    capture_output=True, text=True, timeout=120)
-            if result.returncode != 0:
-                print(f"sparrow: could not build the native decode kernel ({compiler}): "
-                      f"{result.stderr.strip()[:500]}; using torch's attention", file=sys.stderr)
-                return None
-            os.replace(built, target)  # atomic: a concurrent build publishes the same bytes
-    lib = ctypes.CDLL(str(target))
+    try:
+        if not target.is_file():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+                built = Path(scratch) / target.name
+                result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built), "-lm"],
+                                        capture_output=True, text=True, timeout=120)
+                if result.returncode != 0:
+                    raise OSError(result.stderr.strip()[:500])
+                os.replace(built, target)  # atomic: a concurrent build publishes the same bytes
+        lib = ctypes.CDLL(str(target))
+    except (OSError, subprocess.SubprocessError) as error:
+        print(f"sparrow: could not build or load the native decode kernel ({compiler}, {target}): "
+              f"{error}; using torch's attention instead", file=sys.stderr)
+        return None
     i64, f32p = ctypes.c_int64, ctypes.POINTER(ctypes.c_float)
     lib.decode_attention.argtypes = [f32p, f32p, f32p, f32p, i64, i64, i64, i64, i64, i64, i64,
                                      i64, ctypes.c_float, i64, ctypes.c_int]
