@@ -37,6 +37,20 @@ static inline float exp_nonpositive(float x) {
     return p * scale.f;
 }
 
+/* scores[g][0..n) <- exp(score - maxima[g]); sums[g] <- their sum. */
+static void exponentiate(float *scores, int64_t n, int64_t groups, const float *maxima, float *sums) {
+    for (int64_t g = 0; g < groups; g++) {
+        float total = 0.0f, m = maxima[g];
+        float *row = scores + g * n;
+#pragma omp simd reduction(+ : total)
+        for (int64_t t = 0; t < n; t++) {
+            row[t] = exp_nonpositive(row[t] - m);
+            total += row[t];
+        }
+        sums[g] = total;
+    }
+}
+
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #define VECTOR 16
@@ -98,16 +112,7 @@ static inline __attribute__((always_inline)) void chunk64(
             if (s > maxima[g]) maxima[g] = s;
         }
     }
-    for (int g = 0; g < G; g++) {
-        float total = 0.0f, m = maxima[g];
-        float *row = scores + g * n;
-#pragma omp simd reduction(+ : total)
-        for (int64_t i = 0; i < n; i++) {
-            row[i] = exp_nonpositive(row[i] - m);
-            total += row[i];
-        }
-        sums[g] = total;
-    }
+    exponentiate(scores, n, G, maxima, sums);
     __m512 av[G][4];
     for (int g = 0; g < G; g++)
         for (int j = 0; j < 4; j++) av[g][j] = _mm512_setzero_ps();
@@ -146,8 +151,6 @@ static void chunk(const float *q, const float *k, const float *v, int64_t groups
     for (int64_t g = 0; g < groups; g++) maxima[g] = -INFINITY;
 #if defined(__AVX512F__)
     int vectorized = dim % VECTOR == 0;
-#else
-    int vectorized = 0;
 #endif
     for (int64_t t = 0; t < n; t++) {
         const float *key = k + (begin + t) * k_row;
@@ -168,16 +171,7 @@ static void chunk(const float *q, const float *k, const float *v, int64_t groups
             if (s > maxima[g]) maxima[g] = s;
         }
     }
-    for (int64_t g = 0; g < groups; g++) {
-        float total = 0.0f, m = maxima[g];
-        float *row = scores + g * n;
-#pragma omp simd reduction(+ : total)
-        for (int64_t t = 0; t < n; t++) {
-            row[t] = exp_nonpositive(row[t] - m);
-            total += row[t];
-        }
-        sums[g] = total;
-    }
+    exponentiate(scores, n, groups, maxima, sums);
     memset(acc, 0, sizeof(float) * groups * dim);
     for (int64_t t = 0; t < n; t++) {
         const float *value = v + (begin + t) * v_row;
