@@ -52,6 +52,21 @@ def test_assembly_says_what_it_does(home, tmp_path, monkeypatch, capsys):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".reference-")]  # no staging left
 
 
+def test_other_trained_eyes_load_as_reference_with_a_weights_file(home, target, tmp_path, monkeypatch,
+                                                                  capsys):
+    monkeypatch.setenv("SPARROW_HOME", str(home))
+    weights = tmp_path / "step.safetensors"
+    weights.write_bytes(reference.WEIGHTS_FILE.read_bytes())  # the same eyes: the same checkpoint
+    other = load_target(f"reference:{weights}")
+    assert other.name == f"reference:{weights}"
+    assert other.model.config.name_or_path == target.model.config.name_or_path
+    assert "assembling" not in capsys.readouterr().err  # the same checkpoint directory, not rebuilt
+    from sparrow.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match="--stage export"):
+        load_target(f"reference:{tmp_path / 'missing.safetensors'}")
+
+
 def test_text_only_output_is_smollm2s_own_with_the_adaptation_removed(target):
     """The language model is SmolLM2 + LoRA deltas: subtracting them gives SmolLM2's answers
     (SmolLM2 loaded with the same static YaRN positions)."""

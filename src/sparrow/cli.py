@@ -20,7 +20,8 @@ def _add_target(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--target", required=True,
         help="checkpoint directory of a supported video LLM, 'reference' (the built-in reference "
-        "video LLM: SmolLM2-135M with eyes trained on synthetic video), or tiny:<family> "
+        "video LLM: SmolLM2-135M with eyes trained on synthetic video), reference:WEIGHTS (that "
+        "model with other trained eyes, e.g. a training checkpoint), or tiny:<family> "
         "(a tiny random model: tiny:qwen2_vl, tiny:qwen2_5_vl, tiny:qwen3_vl, "
         "tiny:llava_onevision, tiny:llava_next_video)",
     )

@@ -37,13 +37,20 @@ def wrap_model(model: PreTrainedModel, tokenizer=None, processor_config: dict | 
 def load_target(spec: str | Path, dtype: torch.dtype = torch.float32,
                 device: str | torch.device = "cpu") -> TargetAdapter:
     """Load a target: a checkpoint directory, `reference` (the built-in reference video LLM,
-    assembled into the cache on first use) or `tiny:<family>` (a tiny random model, seed 0)."""
+    assembled into the cache on first use), `reference:WEIGHTS` (the same architecture with
+    other trained eyes, e.g. a training checkpoint exported by `reference_train --stage export
+    --out WEIGHTS`) or `tiny:<family>` (a tiny random model, seed 0)."""
     spec = str(spec)
-    if spec == "reference":
+    if spec == "reference" or spec.startswith("reference:"):
         from sparrow import reference
 
-        target = load_target(reference.checkpoint(), dtype=dtype, device=device)
-        target.name = "reference"
+        weights = Path(spec.split(":", 1)[1]) if ":" in spec else reference.WEIGHTS_FILE
+        if ":" in spec and not weights.is_file():
+            raise CheckpointError(f"--target {spec}: no weights file {weights}; export one with "
+                                  "python -m sparrow.training.reference_train RUN_DIR --stage "
+                                  f"export --out {weights}")
+        target = load_target(reference.checkpoint(weights), dtype=dtype, device=device)
+        target.name = spec
         return target
     if spec.startswith("tiny:"):
         from sparrow import testing
