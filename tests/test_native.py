@@ -33,7 +33,7 @@ def _case(kv_heads: int, groups: int, dim: int, length: int, capacity: int, seed
 
 
 @pytest.mark.parametrize(("kv_heads", "groups", "dim"), [
-    (2, 6, 64), (1, 1, 64), (4, 8, 64), (2, 7, 64),  # head dim 64: the register-blocked path
+    (2, 6, 64), (3, 3, 64), (1, 1, 64), (4, 8, 64), (2, 7, 64),  # head dim 64: register-blocked
     (2, 4, 128), (2, 3, 16),  # other multiples of 16: the vectorized generic path
     (3, 2, 40), (2, 12, 64),  # neither (or too many groups for the blocked path): scalar loops
 ])
