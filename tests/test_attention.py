@@ -18,7 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from conftest import DEVICE
-from sparrow.decoding.attention import build_attention_mask, sparrow_attention
+from sparrow.decoding.attention import TreeMask, build_attention_mask, sparrow_attention
 from sparrow.decoding.tree import ancestor_mask
 from sparrow.targets import wrap_model
 from sparrow.testing import tiny_model, tiny_tokenizer
@@ -59,7 +59,7 @@ def test_tree_over_a_cached_prefix(kv_heads):
     q, prefix = len(PARENTS), 53
     tree = ancestor_mask(torch.tensor(PARENTS)).to(DEVICE)  # (q, q)
     query, key, value = random_qkv(kv_heads, q, prefix + q)
-    mask = build_attention_mask(tree, prefix + q, HEADS // kv_heads, torch.float32)
+    mask = TreeMask(tree, prefix + q, torch.float32)
     out, _ = sparrow_attention(None, query, key, value, None, sparrow_mask=mask)
     allowed = torch.cat([torch.ones(q, prefix, dtype=torch.bool, device=DEVICE), tree], dim=1)
     expected = eager_reference(query, key, value, allowed)

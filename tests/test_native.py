@@ -1,4 +1,5 @@
-"""The native decode-attention kernel: equal to SDPA, used where it applies, lossless in the loop."""
+"""The native attention kernels (decode and tree): equal to SDPA, used where they apply, lossless
+in the loop."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ import torch.nn.functional as F
 
 from conftest import DEVICE, reference_generate
 from sparrow.decoding import native
+from sparrow.decoding.attention import build_attention_mask
 from sparrow.decoding.generate import generate
+from sparrow.draft import init_draft
 from sparrow.targets import wrap_model
 from sparrow.testing import tiny_model, tiny_tokenizer
 
@@ -117,4 +120,113 @@ def test_an_unwritable_cache_falls_back_with_a_message(built, tmp_path, monkeypa
         assert native.decode_attention(query, key, value, 0.125) is None
     finally:
         native.library.cache_clear()
-    assert "could not build or load the native decode kernel" in capsys.readouterr().err
+    assert "could not build or load the native attention kernels" in capsys.readouterr().err
+
+
+# ---- tree attention ----------------------------------------------------------------------
+
+
+def _tree_case(kv_heads: int, groups: int, dim: int, q: int, masked: int, length: int, seed: int = 0):
+    """q new tokens over `length` cached keys (views of a larger cache); visible (q, masked):
+    random over the masked keys before the new tokens, causal among the new tokens."""
+    g = torch.Generator().manual_seed(seed)
+    query = torch.randn(1, kv_heads * groups, q, dim, generator=g)
+    key = torch.randn(1, kv_heads, length + 29, dim, generator=g)[:, :, :length]
+    value = torch.randn(1, kv_heads, length + 29, dim, generator=g)[:, :, :length]
+    visible = torch.rand(q, masked, generator=g) < 0.5
+    visible[:, masked - q:] = torch.ones(q, q, dtype=torch.bool).tril()
+    return query, key, value, visible
+
+
+def _tree_reference(query, key, value, visible, scale, dtype=torch.float32):
+    """SDPA over the GQA-packed rows and the additive mask (the path the kernel replaces)."""
+    heads, q, dim = query.shape[1:]
+    kv_heads, length = key.shape[1], key.shape[2]
+    mask = build_attention_mask(visible, length, heads // kv_heads, dtype)
+    packed = query.to(dtype).reshape(1, kv_heads, heads // kv_heads * q, dim)
+    out = F.scaled_dot_product_attention(packed, key.to(dtype), value.to(dtype), attn_mask=mask,
+                                         scale=scale)
+    return out.reshape(1, heads, q, dim)
+
+
+@pytest.mark.parametrize(("kv_heads", "groups", "dim", "q", "masked"), [
+    (2, 6, 64, 16, 16),  # the benchmark's shape: a 16-token tree
+    (2, 6, 64, 64, 64),  # 384 rows: eight blocks of 48
+    (3, 3, 64, 7, 12),  # 21 rows (one partial vector), drafted levels before the tree
+    (1, 1, 128, 1, 1),  # a single row
+    (2, 7, 80, 5, 9),  # an odd group count, head dim 80
+    (4, 2, 8, 33, 40),  # the smallest head dim
+    (2, 12, 64, 3, 3),  # more query heads per KV head than the decode kernel blocks
+])
+@pytest.mark.parametrize("length", [2048, 4099])
+def test_tree_kernel_equals_sdpa(built, kv_heads, groups, dim, q, masked, length):
+    query, key, value, visible = _tree_case(kv_heads, groups, dim, q, masked, length)
+    scale = dim**-0.5
+    out = native.tree_attention(query, key, value, visible, scale)
+    expected = _tree_reference(query, key, value, visible, scale)
+    exact = _tree_reference(query, key, value, visible, scale, torch.float64)
+    assert out.shape == expected.shape
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    assert (out.double() - exact).abs().max() <= 2 * (expected.double() - exact).abs().max() + 1e-7
+
+
+def test_tree_rows_that_see_nothing_of_a_chunk(built):
+    """Masked spans longer than a chunk: for some rows every key of a chunk is hidden."""
+    q, masked = 4, 3 * native.CHUNK
+    query, key, value, visible = _tree_case(2, 6, 64, q, masked, 4096, seed=3)
+    visible[:, : masked - q] = False
+    visible[1, 100] = True  # one visible key in the first hidden chunk, for one row
+    out = native.tree_attention(query * 6, key, value, visible, 0.125)  # large scores too
+    sdpa = _tree_reference(query * 6, key, value, visible, 0.125)
+    exact = _tree_reference(query * 6, key, value, visible, 0.125, torch.float64)
+    assert torch.isfinite(out).all()
+    assert (out.double() - exact).abs().max() <= 2 * (sdpa.double() - exact).abs().max() + 1e-7
+
+
+def test_tree_threads_and_chunks_do_not_change_the_result(built):
+    query, key, value, visible = _tree_case(2, 6, 64, 16, 16, 9000)
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            results.append(native.tree_attention(query, key, value, visible, 0.125))
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        torch.testing.assert_close(other, results[0], rtol=1e-6, atol=1e-7)
+
+
+def test_tree_falls_back_where_it_does_not_apply(built):
+    query, key, value, visible = _tree_case(2, 6, 64, 4, 4, 4096)
+    assert native.tree_attention(query, key[:, :, :100], value[:, :, :100], visible, 0.1) is None
+    assert native.tree_attention(query[..., :20], key[..., :20], value[..., :20], visible,
+                                 0.1) is None  # head dim not a multiple of 8
+    assert native.tree_attention(query, key, value, visible[:3], 0.1) is None  # 3 rows for 4
+    assert native.tree_attention(query.double(), key.double(), value.double(), visible,
+                                 0.1) is None
+
+
+@pytest.mark.parametrize("family", ["llava_onevision", "qwen2_vl"])
+@pytest.mark.parametrize("mode", ["sparrow", "eagle"])
+def test_speculative_decoding_through_the_kernels_equals_generate(built, family, mode, monkeypatch):
+    calls = {"tree": [], "decode": []}
+    kernels = {"tree": native.tree_attention, "decode": native.decode_attention}
+
+    def counted(name):
+        def call(*args, **kwargs):
+            out = kernels[name](*args, **kwargs)
+            calls[name].append(out is not None)
+            return out
+        return call
+
+    monkeypatch.setattr(native, "MIN_LENGTH", 1)  # tiny prompts: every step through the kernels
+    monkeypatch.setattr(native, "tree_attention", counted("tree"))
+    monkeypatch.setattr(native, "decode_attention", counted("decode"))
+    target = wrap_model(tiny_model(family), tiny_tokenizer(family))
+    input_ids = torch.randint(0, 90, (1, 40), generator=torch.Generator().manual_seed(6))
+    reference = reference_generate(target, input_ids, None, 24, target.eos_token_ids)
+    result = generate(target, input_ids, None, method=mode, draft=init_draft(target, mode),
+                      max_new_tokens=24)
+    assert result.token_ids == reference
+    assert calls["tree"] and all(calls["tree"])  # tree verifies (and the draft's own trees)

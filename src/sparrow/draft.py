@@ -29,7 +29,7 @@ from transformers.models.llama.modeling_llama import (
     LlamaRotaryEmbedding,
 )
 
-from sparrow.decoding.attention import register
+from sparrow.decoding.attention import TreeMask, register
 from sparrow.decoding.cache import StaticKVCache
 from sparrow.errors import CheckpointError
 
@@ -120,7 +120,7 @@ class DraftModel(nn.Module):
         features: torch.Tensor,  # (1, n, d): h_t (target) or the draft's own earlier outputs
         positions: torch.Tensor,  # (1, n) int64: the draft's own 1-D positions
         cache: StaticKVCache,
-        sparrow_mask: torch.Tensor | None = None,  # (1, 1, G*n, T) see attention.py
+        sparrow_mask: TreeMask | None = None,  # see attention.py
     ) -> torch.Tensor:  # (1, n, d)
         z = self.fc(torch.cat([self.embed_norm(embeds), features.to(embeds.dtype)], dim=-1))
         cos_sin = self.rotary(z, positions)

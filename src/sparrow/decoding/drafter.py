@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from sparrow.decoding.attention import build_attention_mask
+from sparrow.decoding.attention import TreeMask
 from sparrow.decoding.linear import pack_linears
 from sparrow.decoding.tree import Tree, TreeSpec, select_nodes
 from sparrow.draft import DraftModel
@@ -59,7 +59,6 @@ class DraftProposer:
         self.length = 0  # committed pairs in the draft cache
         self.cache = None
         self.last_output: torch.Tensor | None = None  # (d,) output at the last committed pair
-        self.groups = draft.config.num_attention_heads // draft.config.num_key_value_heads
 
     @property
     def cache_length(self) -> int:
@@ -88,7 +87,7 @@ class DraftProposer:
         mask = None
         if k > 1 and self.length > 0:
             causal = torch.ones(k, k, dtype=torch.bool, device=features.device).tril()
-            mask = build_attention_mask(causal, self.length + k, self.groups, features.dtype)
+            mask = TreeMask(causal, self.length + k, features.dtype)
         out = self.draft(
             self.target.embed(next_tokens.to(features.device))[None],
             features[None],
@@ -132,9 +131,7 @@ class DraftProposer:
                     j = in_cache_parent[j]
                 in_cache_parent.append(in_cache.index(parent) if parent >= 0 else -1)
             in_cache.extend((offset + beams.cpu()).tolist())
-            mask = build_attention_mask(
-                visible.to(device), self.length + m, self.groups, beam_features.dtype
-            )
+            mask = TreeMask(visible.to(device), self.length + m, beam_features.dtype)
             positions = torch.full((1, b), self.length + level - 1, device=device)
             out = self.draft(
                 self.target.embed(level_tokens[beams].to(device))[None],

@@ -1,14 +1,14 @@
 """Native CPU kernels, compiled on first use with the machine's C compiler.
 
 `decode_attention` is the one-query grouped-query attention of an AR decode step over a long
-fp32 cache (`kernels/decode_attention.c` says why and how). The C source ships with the
-package; the first call compiles it (`cc -O3 -march=native -fopenmp`, well under a second) into
+fp32 cache, `tree_attention` the attention of a tree's q tokens over it (`kernels/attention.c`
+says why and how). The C source ships with the package; the first call compiles it (`cc -O3 -march=native -fopenmp`, well under a second) into
 `$SPARROW_HOME/kernels/`, named by a hash of the source, the flags, the compiler and the CPU's
 feature flags, so a shared home never hands a library to a machine it was not built for. The
 library links the OpenMP runtime torch has already loaded, so its threads are torch's.
 
 Without a compiler (or with SPARROW_NATIVE=0) nothing is built and callers fall back to
-torch's kernels: `decode_attention` returns None.
+torch's kernels: both functions return None.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).parent / "kernels" / "decode_attention.c"
+SOURCE = Path(__file__).parent / "kernels" / "attention.c"
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
 MIN_LENGTH = 2048  # shorter caches keep SDPA (the call costs a few microseconds more)
 CHUNK = 512  # keys per work item at most: fp32 sums over at most 512 terms before the merge
@@ -58,7 +58,7 @@ def library() -> ctypes.CDLL | None:
 
     key = hashlib.sha256("\n".join([SOURCE.read_text(), " ".join(FLAGS), version, _cpu_flags()])
                          .encode()).hexdigest()[:16]
-    target = cache_home() / "kernels" / f"decode_attention-{key}.so"
+    target = cache_home() / "kernels" / f"attention-{key}.so"
     try:
         if not target.is_file():
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -71,18 +71,38 @@ def library() -> ctypes.CDLL | None:
                 os.replace(built, target)  # atomic: a concurrent build publishes the same bytes
         lib = ctypes.CDLL(str(target))
     except (OSError, subprocess.SubprocessError) as error:
-        print(f"sparrow: could not build or load the native decode kernel ({compiler}, {target}): "
+        print(f"sparrow: could not build or load the native attention kernels ({compiler}, {target}): "
               f"{error}; using torch's attention instead", file=sys.stderr)
         return None
     i64, f32p = ctypes.c_int64, ctypes.POINTER(ctypes.c_float)
     lib.decode_attention.argtypes = [f32p, f32p, f32p, f32p, i64, i64, i64, i64, i64, i64, i64,
                                      i64, ctypes.c_float, i64, ctypes.c_int]
     lib.decode_attention.restype = ctypes.c_int
+    lib.tree_attention.argtypes = [f32p, f32p, f32p, ctypes.c_void_p, f32p, i64, i64, i64, i64, i64,
+                                   i64, i64, i64, i64, i64, ctypes.c_float, i64, ctypes.c_int]
+    lib.tree_attention.restype = ctypes.c_int
+    lib.tree_attention_available.restype = ctypes.c_int
     return lib
 
 
 def _pointer(tensor: torch.Tensor):
     return ctypes.cast(tensor.data_ptr(), ctypes.POINTER(ctypes.c_float))
+
+
+def _applies(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
+    """The kernels' common conditions: one sequence of fp32 CPU tensors without autograd, rows
+    of keys and values contiguous, a whole number of query heads per KV head, a long cache."""
+    return (query.shape[0] == 1 and key.shape[2] >= MIN_LENGTH and query.device.type == "cpu"
+            and all(t.dtype == torch.float32 for t in (query, key, value))
+            and key.stride(-1) == 1 and value.stride(-1) == 1 and query.shape[1] % key.shape[1] == 0
+            and not (torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))))
+
+
+def _call(name: str, function, args) -> int:
+    if torch.autograd._profiler_enabled():  # named in profiles; no marker cost otherwise
+        with torch.profiler.record_function(f"sparrow::native_{name}"):
+            return function(*args)
+    return function(*args)
 
 
 def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -92,12 +112,9 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     query (1, H, 1, D); key, value (1, H_kv, T, D) with unit stride along D (views of the cache
     are fine); fp32 on the CPU, no autograd. Returns (1, H, 1, D).
     """
-    batch, heads, q_len, dim = query.shape
+    _, heads, q_len, dim = query.shape
     kv_heads, length = key.shape[1], key.shape[2]
-    if (batch != 1 or q_len != 1 or length < MIN_LENGTH or query.device.type != "cpu"
-            or not all(t.dtype == torch.float32 for t in (query, key, value))
-            or key.stride(-1) != 1 or value.stride(-1) != 1 or heads % kv_heads
-            or torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))):
+    if q_len != 1 or not _applies(query, key, value):
         return None
     lib = library()
     if lib is None:
@@ -109,11 +126,38 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     args = (_pointer(q), _pointer(key), _pointer(value), _pointer(out), kv_heads, heads // kv_heads,
             dim, length, key.stride(1), key.stride(2), value.stride(1), value.stride(2), scale,
             chunks, threads)
-    if torch.autograd._profiler_enabled():  # named in profiles; no marker cost otherwise
-        with torch.profiler.record_function("sparrow::native_decode_attention"):
-            status = lib.decode_attention(*args)
-    else:
-        status = lib.decode_attention(*args)
-    if status != 0:
+    if _call("decode_attention", lib.decode_attention, args) != 0:
         return None
     return out.reshape(1, heads, 1, dim)
+
+
+def tree_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                   visible: torch.Tensor, scale: float) -> torch.Tensor | None:
+    """Attention of q new tokens (the last q of the cache) over the cache; None where the kernel
+    does not apply.
+
+    query (1, H, q, D); key, value (1, H_kv, T, D) as for `decode_attention`; visible (q, m)
+    bool over the last m cache positions (see `attention.TreeMask`): every earlier position is
+    visible to all q. D a multiple of 8. Returns (1, H, q, D).
+    """
+    _, heads, q_len, dim = query.shape
+    kv_heads, length = key.shape[1], key.shape[2]
+    masked = visible.shape[1]
+    if (dim % 8 or visible.shape[0] != q_len or masked > length
+            or not _applies(query, key, value)):
+        return None
+    lib = library()
+    if lib is None or not lib.tree_attention_available():
+        return None
+    rows = heads // kv_heads * q_len
+    q = query.reshape(kv_heads, rows, dim).contiguous()  # row g * q + i: head g, token i
+    mask = visible.to(device="cpu", dtype=torch.uint8).contiguous()
+    out = torch.empty(kv_heads, rows, dim, dtype=torch.float32)
+    threads = torch.get_num_threads()
+    chunks = max(-(-threads // kv_heads), -(-length // CHUNK))
+    args = (_pointer(q), _pointer(key), _pointer(value), mask.data_ptr(), _pointer(out), kv_heads,
+            rows, q_len, dim, length, masked, key.stride(1), key.stride(2), value.stride(1),
+            value.stride(2), scale, chunks, threads)
+    if _call("tree_attention", lib.tree_attention, args) != 0:
+        return None
+    return out.reshape(1, heads, q_len, dim)

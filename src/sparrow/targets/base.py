@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 import torch
 from transformers import PreTrainedModel
 
-from sparrow.decoding.attention import build_attention_mask, register
+from sparrow.decoding.attention import TreeMask, register
 from sparrow.decoding.cache import StaticKVCache
 from sparrow.decoding.linear import pack_linears
 from sparrow.errors import CheckpointError
@@ -106,9 +106,6 @@ class TargetAdapter:
         self.num_layers: int = self.text_config.num_hidden_layers
         self.hidden_size: int = self.text_config.hidden_size
         self.vocab_size: int = self.text_config.vocab_size
-        self.kv_groups: int = (
-            self.text_config.num_attention_heads // self.text_config.num_key_value_heads
-        )
         self.cache: StaticKVCache | None = None
         self.position_offset = 0  # rotary position of cache slot i is i + position_offset
         self.prompt: PrefillOutput | None = None  # the last prefilled prompt
@@ -302,9 +299,7 @@ class TargetAdapter:
         if q > 1:
             if tree_mask is None:
                 tree_mask = torch.ones(q, q, dtype=torch.bool).tril()
-            sparrow_mask = build_attention_mask(
-                tree_mask.to(self.device), self.cache_length + q, self.kv_groups, self.dtype
-            )
+            sparrow_mask = TreeMask(tree_mask.to(self.device), self.cache_length + q, self.dtype)
         out = self.model.model(
             input_ids=token_ids.reshape(1, q).to(self.device),
             position_ids=positions,
