@@ -50,7 +50,10 @@ All rates are measured in the same run, on the same device, with the same thread
   and values (G*q x 1024) @ (1024 x D), G = H / H_kv: the products a flash kernel runs on tiles
   that stay in cache. The unblocked (G*q x D) @ (D x T) is recorded too; it is slower because
   it writes the whole G*q x T score matrix to memory, traffic a fused kernel does not have.
-* BW: GB/s of a sum over a 1 GiB tensor (read-dominated; a copy is recorded too).
+* BW: GB/s of the fastest read of a 1 GiB tensor: torch's sum over it, and on a CPU with a
+  compiler also sparrow's native row kernel over it as a (2^18 x 1024) matrix (the weight
+  stream of a decode step; on this CPU it reads ~1.4x faster than the sum, so a roofline from
+  the sum alone would be lenient). A copy is recorded too.
 
 A decode step (q = 1) takes the compute rates of the smallest tree size: at M = 1 a matmul is
 a memory-bound GEMV whose traffic the bytes term already charges. The "peak" roofline uses the
@@ -86,6 +89,7 @@ from pathlib import Path
 
 import torch
 
+from sparrow.decoding import native
 from sparrow.decoding.linear import available as linear_kernels_available
 from sparrow.decoding.linear import pack_linears, unpack_linears
 from sparrow.decoding.tree import ancestor_mask
@@ -391,14 +395,16 @@ def measure_attention_matmul(shape: TargetShape, tree_sizes: list[int], lengths:
 
     Blocked (used by the roofline): scores (G*q x D) @ (D x block) and values
     (G*q x block) @ (block x D), the products a flash kernel runs with its tiles in cache, each
-    with the faster of the kernels (`kernels`; the block prepacked for oneDNN).
+    with the faster of the kernels (`kernels`; the block prepacked for oneDNN); or, where it is
+    faster, the whole of sparrow's native tree attention over 8 blocks of keys (products,
+    softmax and all: a rate some kernel reaches is a rate the roofline must allow).
     Unblocked (recorded, for each of `lengths`): (G*q x D) @ (D x T), which also writes the
     whole G*q x T score matrix to memory, traffic a fused kernel never has.
     """
     d, groups = shape.head_dim, shape.groups
     keys_block = torch.randn(d, block, dtype=dtype, device=device)
     values_block = torch.randn(block, d, dtype=dtype, device=device)
-    blocked, unblocked = {}, {}
+    blocked, matmuls, fused, unblocked = {}, {}, {}, {}
     found = kernels(device, dtype)
     for q in tree_sizes:
         rows = groups * q
@@ -412,24 +418,43 @@ def measure_attention_matmul(shape: TargetShape, tree_sizes: list[int], lengths:
                                                sync, 0.1).median_s)
             values_s = min(values_s, time_step(lambda p=probs, f=values: f(p), reps, 2, guard,
                                                sync, 0.1).median_s)
-        blocked[str(q)] = 2 * flops / (scores_s + values_s) / 1e9
+        blocked[str(q)] = matmuls[str(q)] = 2 * flops / (scores_s + values_s) / 1e9
+        if device == "cpu" and dtype == torch.float32:
+            query = torch.randn(1, shape.heads, q, d)
+            keys, values = (torch.randn(1, shape.kv_heads, 8 * block, d) for _ in range(2))
+            visible = torch.ones(q, q, dtype=torch.bool)
+            with torch.no_grad():
+                if native.tree_attention(query, keys, values, visible, 0.125) is not None:
+                    timing = time_step(
+                        lambda a=query, k=keys, v=values, m=visible: native.tree_attention(
+                            a, k, v, m, 0.125), reps, 2, guard, sync, 0.1)
+                    fused[str(q)] = 4 * shape.heads * q * 8 * block * d / timing.median_s / 1e9
+                    blocked[str(q)] = max(blocked[str(q)], fused[str(q)])
         for length in lengths:
             keys_t = torch.randn(d, length, dtype=dtype, device=device)
             timing = time_step(lambda a=queries, k=keys_t: torch.mm(a, k), reps, 1, guard, sync,
                                0.1)
             unblocked[f"{q}@{length}"] = 2 * rows * d * length / timing.median_s / 1e9
-    return {"block": block, "blocked_gflops": blocked, "unblocked_gflops": unblocked}
+    return {"block": block, "blocked_gflops": blocked, "matmul_gflops": matmuls,
+            "native_gflops": fused, "unblocked_gflops": unblocked}
 
 
 def measure_bandwidth(device, guard, sync, reps: int, gib: float = 1.0) -> dict:
-    """GB/s of a read-dominated sum over `gib` GiB, and of a copy (read + write counted)."""
+    """GB/s of the fastest read of `gib` GiB (torch's sum; the native row kernel where it runs),
+    and of a copy (read + write counted)."""
     elements = int(gib * 2**30) // 4
     big = torch.randn(elements, dtype=torch.float32, device=device)
     read = time_step(lambda: big.sum(), reps, 1, guard, sync, 0.2)
+    rates = {"sum_gbps": elements * 4 / read.median_s / 1e9}
+    matrix, row = big.view(-1, 1024), torch.randn(1, 1024, device=device)
+    with torch.no_grad():
+        if native.linear(row, matrix, None) is not None:
+            stream = time_step(lambda: native.linear(row, matrix, None), reps, 1, guard, sync, 0.2)
+            rates["native_row_gbps"] = elements * 4 / stream.median_s / 1e9
     half = big[: elements // 2]
     target = torch.empty_like(half)
     copy = time_step(lambda: target.copy_(half), reps, 1, guard, sync, 0.2)
-    return {"read_gbps": elements * 4 / read.median_s / 1e9,
+    return {"read_gbps": max(rates.values()), **rates,
             "copy_gbps": 2 * (elements // 2) * 4 / copy.median_s / 1e9}
 
 
@@ -463,8 +488,12 @@ def combine_rates(rounds: list[dict]) -> dict:
                                   for kernel in rounds[0]["gemm"]["mix_gflops_by_kernel"]},
         "attention_gflops": median_of(("attention", "blocked_gflops")),
         "attention_unblocked_gflops": median_of(("attention", "unblocked_gflops")),
+        "attention_matmul_gflops": median_of(("attention", "matmul_gflops")),
+        "attention_native_gflops": median_of(("attention", "native_gflops")),
         "attention_block": rounds[0]["attention"]["block"],
         "read_gbps": statistics.median(r["bandwidth"]["read_gbps"] for r in rounds),
+        **{key: statistics.median(r["bandwidth"][key] for r in rounds)
+           for key in ("sum_gbps", "native_row_gbps") if key in rounds[0]["bandwidth"]},
         "copy_gbps": statistics.median(r["bandwidth"]["copy_gbps"] for r in rounds),
         "per_round": rounds,
     }
@@ -473,7 +502,8 @@ def combine_rates(rounds: list[dict]) -> dict:
 def time_breakdown(fn: Callable[[], object], sync) -> dict[str, float]:
     """Seconds of one call by kind of operation (torch.profiler self time on the calling thread).
 
-    linear: aten::mm / addmm or oneDNN's packed linear (the model's linears and lm_head);
+    linear: aten::mm / addmm, oneDNN's packed linear or sparrow's native row kernel (the
+    model's linears and lm_head);
     attention: the SDPA kernels and
     transformers' repeat_kv copies; other: everything else, mostly many small element-wise ops.
     """
@@ -488,7 +518,8 @@ def time_breakdown(fn: Callable[[], object], sync) -> dict[str, float]:
     for event in profiler.key_averages():
         name = event.key
         seconds = event.self_cpu_time_total / 1e6
-        if name in ("aten::mm", "aten::addmm", "aten::bmm", "mkldnn::_linear_pointwise"):
+        if name in ("aten::mm", "aten::addmm", "aten::bmm", "mkldnn::_linear_pointwise",
+                    "sparrow::native_linear"):
             kinds["linear"] += seconds
         elif "attention" in name or name in ("aten::clone", "aten::_unsafe_view"):
             kinds["attention"] += seconds
@@ -788,14 +819,18 @@ def write_markdown(results: dict, path: Path) -> None:
         "",
         "## Rates (median over the rounds measured before each cache length)",
         "",
-        f"Bandwidth BW: {rates['read_gbps']:.1f} GB/s read (sum over 1 GiB), "
+        f"Bandwidth BW: {rates['read_gbps']:.1f} GB/s read (the fastest read of 1 GiB: "
+        + (f"native row kernel {rates['native_row_gbps']:.1f}, " if "native_row_gbps" in rates
+           else "") + f"sum {rates.get('sum_gbps', rates['read_gbps']):.1f}), "
         f"{rates['copy_gbps']:.1f} GB/s copy (read + write).",
         "",
         "| q | R_gemm(q) GFLOP/s: model linear mix, M = q, faster kernel per shape | "
         + "".join(f"{kernel} mix | " for kernel in by_kernel)
-        + f"R_attn(q) GFLOP/s: (G*q x D) @ (D x {rates['attention_block']}) and P @ V | "
+        + "R_attn(q) GFLOP/s: the faster of the next two | "
+        f"(G*q x D) @ (D x {rates['attention_block']}) and P @ V | native tree attention over "
+        f"{8 * rates['attention_block']} keys | "
         "unblocked (G*q x D) @ (D x T) GFLOP/s (MKL) |",
-        "|---:|---:|" + "---:|" * len(by_kernel) + "---:|---|",
+        "|---:|---:|" + "---:|" * len(by_kernel) + "---:|---:|---:|---|",
     ]
     for q in sorted(rates["gemm_gflops"], key=int):
         unblocked = ", ".join(
@@ -805,7 +840,10 @@ def write_markdown(results: dict, path: Path) -> None:
             if key.split("@")[0] == q)
         lines.append(f"| {q} | {rates['gemm_gflops'][q]:.1f} | "
                      + "".join(f"{by_kernel[k][q]:.1f} | " for k in by_kernel)
-                     + f"{rates['attention_gflops'][q]:.1f} | {unblocked} |")
+                     + f"{rates['attention_gflops'][q]:.1f} | "
+                     + f"{rates.get('attention_matmul_gflops', {}).get(q, float('nan')):.1f} | "
+                     + f"{rates.get('attention_native_gflops', {}).get(q, float('nan')):.1f} | "
+                     + f"{unblocked} |")
     lines += [
         "",
         "roofline = FLOPs_linear / R_gemm(q) + FLOPs_attn / R_attn(q) + bytes / BW, at the "

@@ -1,5 +1,6 @@
-"""The oneDNN-packed CPU linears (`sparrow.decoding.linear`): same results as `F.linear`, a
-safe fallback wherever packing does not apply, and a fresh pack when the weight changes."""
+"""The CPU linears (`sparrow.decoding.linear`: oneDNN-packed; one row through the native kernel):
+same results as `F.linear`, a safe fallback wherever they do not apply, and a fresh pack when
+the weight changes."""
 
 import copy
 
@@ -8,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sparrow.decoding import native
 from sparrow.decoding.linear import PackedLinear, available, pack_linears, unpack_linears
 from sparrow.targets import load_target
 
@@ -32,8 +34,38 @@ def test_packed_forward_equals_f_linear(shape):
     assert type(model[0]) is PackedLinear and isinstance(model[0], nn.Linear)
     with torch.no_grad():
         out = model(x)
-    assert model[0]._packed is not None  # the packed kernel ran, not the fallback
+    if x.numel() == shape[-1] and native.library() is not None:
+        assert model[0]._packed is None  # one row: the native row kernel ran, nothing packed
+    else:
+        assert model[0]._packed is not None  # the packed kernel ran, not the fallback
     torch.testing.assert_close(out, reference_output(model, x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("out_features", "in_features"), [
+    (768, 768), (128, 768), (48, 2048), (37, 53), (5, 19), (16, 16), (1, 1)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_native_row_kernel_equals_f_linear(out_features, in_features, bias):
+    if native.library() is None:
+        pytest.skip("no C compiler: the row kernel is not built")
+    g = torch.Generator().manual_seed(out_features + in_features)
+    storage = torch.randn(out_features, in_features + 3, generator=g)
+    weight = storage[:, :in_features]  # rows of a larger buffer: a row stride > in_features
+    b = torch.randn(out_features, generator=g) if bias else None
+    x = torch.randn(1, 1, in_features, generator=g)
+    out = native.linear(x, weight, b)
+    assert out.shape == (1, 1, out_features)
+    exact = F.linear(x.double(), weight.double(), None if b is None else b.double())
+    torch.testing.assert_close(out.double(), exact, rtol=1e-5, atol=1e-5)
+    torch_error = (F.linear(x, weight, b).double() - exact).abs().max()
+    assert (out.double() - exact).abs().max() <= 2 * torch_error + 1e-6
+
+
+def test_native_row_kernel_declines_what_it_does_not_handle():
+    weight, x = torch.randn(8, 16), torch.randn(1, 16)
+    assert native.linear(torch.randn(2, 16), weight, None) is None  # two rows
+    assert native.linear(x.double(), weight.double(), None) is None
+    assert native.linear(x, weight.t().contiguous().t(), None) is None  # columns not contiguous
+    assert native.linear(x, weight.requires_grad_(), None) is None  # autograd
 
 
 def test_non_contiguous_input():

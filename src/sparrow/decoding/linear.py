@@ -22,6 +22,10 @@ module's forward through it when it is safe: fp32 input and weight on CPU, and n
 needed. Anything else (training, another device or dtype) takes `F.linear` as before.
 If the weight changes after packing (in place, or replaced), it is packed again on next use.
 The packed copy costs as much memory as the weights it covers.
+
+One input row (an AR decode step, M = 1) goes to `native.linear` instead, a plain C pass over
+the weight's own rows: there oneDNN streamed the weights at 14-41 GB/s per shape, the C pass
+at 47-60 GB/s (2 threads; `benchmarks/verify_cost.py`). A model that only decodes never packs.
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from sparrow.decoding import native
 
 PACK_ROWS = 16  # the rows per call oneDNN chooses its layout for (measured best from 1 to 2048)
 
@@ -55,6 +61,10 @@ class PackedLinear(nn.Linear):
             or (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad))
         ):
             return F.linear(x, weight, self.bias)
+        if x.numel() == x.shape[-1]:  # one row: the weight stream of a decode step
+            y = native.linear(x, weight, self.bias)
+            if y is not None:
+                return y
         source = (weight.data_ptr(), weight._version)
         if self._packed is None or self._packed_from != source:
             self._packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_ROWS)

@@ -2,8 +2,10 @@
 
 `decode_attention` is the one-query grouped-query attention of an AR decode step over a long
 fp32 cache, `tree_attention` the attention of a tree's q tokens over it (`kernels/attention.c`
-says why and how). The C source ships with the package; the first call compiles it (`cc -O3 -march=native -fopenmp`, well under a second) into
-`$SPARROW_HOME/kernels/`, named by a hash of the source, the flags, the compiler and the CPU's
+says why and how); `linear` is a linear layer applied to one row, the weight stream of a
+decode step (`kernels/linear.c`). The C sources ship with the package; the first call compiles
+them (`cc -O3 -march=native -fopenmp`, about a second) into one library in
+`$SPARROW_HOME/kernels/`, named by a hash of the sources, the flags, the compiler and the CPU's
 feature flags, so a shared home never hands a library to a machine it was not built for. The
 library links the OpenMP runtime torch has already loaded, so its threads are torch's.
 
@@ -25,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).parent / "kernels" / "attention.c"
+KERNELS = Path(__file__).parent / "kernels"
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
 MIN_LENGTH = 2048  # shorter caches keep SDPA (the call costs a few microseconds more)
 CHUNK = 512  # keys per work item at most: fp32 sums over at most 512 terms before the merge
@@ -56,37 +58,38 @@ def library() -> ctypes.CDLL | None:
         return None
     from sparrow.smollm2 import cache_home
 
-    key = hashlib.sha256("\n".join([SOURCE.read_text(), " ".join(FLAGS), version, _cpu_flags()])
+    sources = sorted(KERNELS.glob("*.c"))
+    texts = [path.read_text() for path in sorted(KERNELS.glob("*.[ch]"))]
+    key = hashlib.sha256("\n".join([*texts, " ".join(FLAGS), version, _cpu_flags()])
                          .encode()).hexdigest()[:16]
-    target = cache_home() / "kernels" / f"attention-{key}.so"
+    target = cache_home() / "kernels" / f"sparrow-{key}.so"
     try:
         if not target.is_file():
             target.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
                 built = Path(scratch) / target.name
-                result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built), "-lm"],
-                                        capture_output=True, text=True, timeout=120)
+                result = subprocess.run(
+                    [compiler, *FLAGS, f"-I{KERNELS}", *map(str, sources), "-o", str(built), "-lm"],
+                    capture_output=True, text=True, timeout=120)
                 if result.returncode != 0:
                     raise OSError(result.stderr.strip()[:500])
                 os.replace(built, target)  # atomic: a concurrent build publishes the same bytes
         lib = ctypes.CDLL(str(target))
     except (OSError, subprocess.SubprocessError) as error:
-        print(f"sparrow: could not build or load the native attention kernels ({compiler}, {target}): "
+        print(f"sparrow: could not build or load the native kernels ({compiler}, {target}): "
               f"{error}; using torch's attention instead", file=sys.stderr)
         return None
-    i64, f32p = ctypes.c_int64, ctypes.POINTER(ctypes.c_float)
-    lib.decode_attention.argtypes = [f32p, f32p, f32p, f32p, i64, i64, i64, i64, i64, i64, i64,
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p  # pointers pass as data_ptr() integers
+    lib.decode_attention.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, i64,
                                      i64, ctypes.c_float, i64, ctypes.c_int]
     lib.decode_attention.restype = ctypes.c_int
-    lib.tree_attention.argtypes = [f32p, f32p, f32p, ctypes.c_void_p, f32p, i64, i64, i64, i64, i64,
+    lib.tree_attention.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64,
                                    i64, i64, i64, i64, i64, ctypes.c_float, i64, ctypes.c_int]
     lib.tree_attention.restype = ctypes.c_int
     lib.tree_attention_available.restype = ctypes.c_int
+    lib.linear_row.argtypes = [ptr, ptr, i64, ptr, ptr, i64, i64, ctypes.c_int]
+    lib.linear_row.restype = None
     return lib
-
-
-def _pointer(tensor: torch.Tensor):
-    return ctypes.cast(tensor.data_ptr(), ctypes.POINTER(ctypes.c_float))
 
 
 def _applies(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
@@ -98,7 +101,7 @@ def _applies(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> boo
             and not (torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))))
 
 
-def _call(name: str, function, args) -> int:
+def _call(name: str, function, args):
     if torch.autograd._profiler_enabled():  # named in profiles; no marker cost otherwise
         with torch.profiler.record_function(f"sparrow::native_{name}"):
             return function(*args)
@@ -123,9 +126,9 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     out = torch.empty(heads, dim, dtype=torch.float32)
     threads = torch.get_num_threads()
     chunks = max(-(-threads // kv_heads), -(-length // CHUNK))
-    args = (_pointer(q), _pointer(key), _pointer(value), _pointer(out), kv_heads, heads // kv_heads,
-            dim, length, key.stride(1), key.stride(2), value.stride(1), value.stride(2), scale,
-            chunks, threads)
+    args = (q.data_ptr(), key.data_ptr(), value.data_ptr(), out.data_ptr(), kv_heads,
+            heads // kv_heads, dim, length, key.stride(1), key.stride(2), value.stride(1),
+            value.stride(2), scale, chunks, threads)
     if _call("decode_attention", lib.decode_attention, args) != 0:
         return None
     return out.reshape(1, heads, 1, dim)
@@ -155,9 +158,31 @@ def tree_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     out = torch.empty(kv_heads, rows, dim, dtype=torch.float32)
     threads = torch.get_num_threads()
     chunks = max(-(-threads // kv_heads), -(-length // CHUNK))
-    args = (_pointer(q), _pointer(key), _pointer(value), mask.data_ptr(), _pointer(out), kv_heads,
-            rows, q_len, dim, length, masked, key.stride(1), key.stride(2), value.stride(1),
-            value.stride(2), scale, chunks, threads)
+    args = (q.data_ptr(), key.data_ptr(), value.data_ptr(), mask.data_ptr(), out.data_ptr(),
+            kv_heads, rows, q_len, dim, length, masked, key.stride(1), key.stride(2),
+            value.stride(1), value.stride(2), scale, chunks, threads)
     if _call("tree_attention", lib.tree_attention, args) != 0:
         return None
     return out.reshape(1, heads, q_len, dim)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+    """`F.linear(x, weight, bias)` for x holding one row (shape (..., in) with one row in all);
+    None where the kernel does not apply (fp32 CPU tensors without autograd, weight rows
+    contiguous, x and bias contiguous)."""
+    out_features, in_features = weight.shape
+    if (x.shape[-1] != in_features or x.numel() != in_features or x.device.type != "cpu"
+            or weight.device.type != "cpu" or x.dtype != torch.float32
+            or weight.dtype != torch.float32 or weight.stride(1) != 1 or not x.is_contiguous()
+            or bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous())
+            or torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                            or bias is not None and bias.requires_grad)):
+        return None
+    lib = library()
+    if lib is None:
+        return None
+    y = torch.empty(*x.shape[:-1], out_features, dtype=torch.float32)
+    _call("linear", lib.linear_row, (x.data_ptr(), weight.data_ptr(), weight.stride(0),
+                                     None if bias is None else bias.data_ptr(), y.data_ptr(),
+                                     out_features, in_features, torch.get_num_threads()))
+    return y

@@ -2,12 +2,13 @@
  * new token of an AR decode step, `tree_attention` for the q new tokens of a tree verification
  * (or of a prompt appended to a cached video).
  *
- * decode_attention. Why: torch's CPU SDPA runs a decode step's attention as small-M matrix products (M = the
- * query heads that share a KV head, 6 for the benchmark shape) at ~50 GFLOP/s, ~2.5 ms per layer
- * over a 25k-token cache, about a third of the memory bandwidth that reading K and V needs.
- * Here each thread takes a chunk of the cache of one KV head, reads every key and value once
- * (scores for all of the head's queries from one load of a key), and the chunks are merged
- * with their softmax maxima and sums (split-K, "flash decoding").
+ * decode_attention. Why: torch's CPU SDPA runs a decode step's attention as small-M matrix
+ * products (M = the query heads that share a KV head, 6 for the benchmark shape) at ~50
+ * GFLOP/s, ~2.5 ms per layer over a 25k-token cache, about a third of the memory bandwidth that
+ * reading K and V needs. Here each thread takes a chunk of the cache of one KV head, reads every
+ * key and value once (scores for all of the head's queries from one load of a key), and the
+ * chunks are merged with their softmax maxima and sums (split-K, "flash decoding"). 12 layers
+ * at 25k: 29.2 ms with SDPA, 10.3 ms here, within ~10% of a plain read of the same K and V.
  *
  * Layout: q and out (kv_heads, groups, dim) contiguous; k and v rows of `dim` contiguous floats,
  * row r of head h at base + h * head_stride + r * row_stride (a view of a preallocated cache).
@@ -17,6 +18,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "vector.h"
 
 #define MAX_GROUPS 64
 
@@ -40,41 +43,7 @@ static inline float exp_nonpositive(float input) {
     return input < -87.0f ? 0.0f : p * scale.f;
 }
 
-/* scores[g][0..n) <- exp(score - maxima[g]); sums[g] <- their sum. */
-static void exponentiate(float *scores, int64_t n, int64_t groups, const float *maxima, float *sums) {
-    for (int64_t g = 0; g < groups; g++) {
-        float total = 0.0f, m = maxima[g];
-        float *row = scores + g * n;
-#pragma omp simd reduction(+ : total)
-        for (int64_t t = 0; t < n; t++) {
-            row[t] = exp_nonpositive(row[t] - m);
-            total += row[t];
-        }
-        sums[g] = total;
-    }
-}
-
 #if defined(__AVX512F__)
-#include <immintrin.h>
-#define VECTOR 16
-#endif
-
-#if defined(__AVX512F__)
-/* The 16 sums of 16 vectors, in order, in 45 instructions instead of 16 full reductions. */
-static inline __m512 reduce16(const __m512 *v) {
-    __m512 t[8], u[4], w[2];
-    for (int i = 0; i < 8; i++)
-        t[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]),
-                             _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
-    for (int i = 0; i < 4; i++)
-        u[i] = _mm512_add_ps(_mm512_shuffle_ps(t[2 * i], t[2 * i + 1], 0x44),
-                             _mm512_shuffle_ps(t[2 * i], t[2 * i + 1], 0xEE));
-    for (int i = 0; i < 2; i++)
-        w[i] = _mm512_add_ps(_mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], 0x88),
-                             _mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], 0xDD));
-    return _mm512_add_ps(_mm512_shuffle_f32x4(w[0], w[1], 0x88), _mm512_shuffle_f32x4(w[0], w[1], 0xDD));
-}
-
 /* exp_nonpositive on 16 lanes (the same steps; vectorizing the scalar function inside a loop
  * over 16 * RV rows was left to the compiler at first, and it did not). */
 static inline __m512 exp_nonpositive16(__m512 input) {
@@ -97,6 +66,38 @@ static inline __m512 exp_nonpositive16(__m512 input) {
                                 _mm512_setzero_ps());
 }
 
+#endif
+
+/* scores[g][0..n) <- exp(score - maxima[g]); sums[g] <- their sum. */
+static void exponentiate(float *scores, int64_t n, int64_t groups, const float *maxima, float *sums) {
+    for (int64_t g = 0; g < groups; g++) {
+        float *row = scores + g * n;
+#if defined(__AVX512F__)
+        /* explicit vectors: left to the compiler (omp simd over the scalar function) this loop
+         * ran scalar and cost a third of the decode kernel's time */
+        const __m512 m = _mm512_set1_ps(maxima[g]);
+        __m512 total = _mm512_setzero_ps();
+        for (int64_t t = 0; t < n; t += VECTOR) {
+            __mmask16 live = n - t >= VECTOR ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - t)) - 1u);
+            __m512 e = exp_nonpositive16(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, row + t), m));
+            e = _mm512_maskz_mov_ps(live, e);
+            _mm512_mask_storeu_ps(row + t, live, e);
+            total = _mm512_add_ps(total, e);
+        }
+        sums[g] = _mm512_reduce_add_ps(total);
+#else
+        float total = 0.0f, m = maxima[g];
+#pragma omp simd reduction(+ : total)
+        for (int64_t t = 0; t < n; t++) {
+            row[t] = exp_nonpositive(row[t] - m);
+            total += row[t];
+        }
+        sums[g] = total;
+#endif
+    }
+}
+
+#if defined(__AVX512F__)
 /* `chunk` for head dim 64 and G query heads per KV head (a constant after inlining, so the
  * queries and the G x 64 accumulators live in registers): scores 16 keys at a time, each key
  * loaded once for all G queries. */
