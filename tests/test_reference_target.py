@@ -67,6 +67,31 @@ def test_other_trained_eyes_load_as_reference_with_a_weights_file(home, target, 
         load_target(f"reference:{tmp_path / 'missing.safetensors'}")
 
 
+def test_weights_assemble_into_the_shapes_they_were_trained_for(home, tmp_path, monkeypatch):
+    """A weights file's metadata (tower, position scheme, processor) decides what it assembles
+    into, not this version's defaults: here a 6-channel tower fed temporal differences."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from sparrow.video.processing import TEMPORAL_DIFFERENCE_KEY
+
+    monkeypatch.setenv("SPARROW_HOME", str(home))
+    tower = {**reference.TOWER, "num_hidden_layers": 1, "num_channels": 6}
+    processor = {**reference.PROCESSOR_CONFIG, TEMPORAL_DIFFERENCE_KEY: 16}
+    weights = tmp_path / "six-channel.safetensors"
+    save_file({"model.image_newline": torch.zeros(576)}, str(weights),
+              metadata={"tower": json.dumps(tower), "processor": json.dumps(processor),
+                        "rope_scaling": json.dumps(reference.ROPE_SCALING)})
+    other = load_target(f"reference:{weights}")
+    assert other.config.vision_config.num_channels == 6
+    assert other.config.vision_config.num_hidden_layers == 1
+    assert other.processor_config[TEMPORAL_DIFFERENCE_KEY] == 16
+    clip = synthetic.write_scene(synthetic.generate_scene(5, 12), tmp_path / "clip.mp4")
+    video = prepare_video(other, clip, num_frames=12)
+    assert video.pixel_values_videos.shape[2] == 6
+
+
 def test_text_only_output_is_smollm2s_own_with_the_adaptation_removed(target):
     """The language model is SmolLM2 + LoRA deltas: subtracting them gives SmolLM2's answers
     (SmolLM2 loaded with the same static YaRN positions)."""

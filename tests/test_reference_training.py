@@ -129,7 +129,11 @@ def test_caption_training_resumes_exactly_and_exports_mergeable_weights(shard, t
     weights = rt.export(straight, tmp_path / "eyes.safetensors")
     state, lora, scale = reference.read_weights(weights)
     assert scale == 2.0 and len(lora) == 30 * len(rt.LORA_TARGETS)
-    model, _ = reference.build_shipped(weights)
+    model, _, processor = reference.build_shipped(weights)
+    # the file records the shapes it was trained for, and assembly follows them
+    assert reference.weights_setup(weights) == (reference.TOWER, reference.ROPE_SCALING,
+                                                reference.PROCESSOR_CONFIG)
+    assert processor == reference.PROCESSOR_CONFIG
     from transformers import AutoModelForCausalLM
 
     smol = AutoModelForCausalLM.from_pretrained(smollm2.checkpoint(), dtype=torch.float32)

@@ -14,6 +14,7 @@ from sparrow.testing import FAMILIES, processor_config, tiny_config, tiny_model,
 from sparrow.video.io import VideoClip, read_video, write_video
 from sparrow.video.processing import (
     OPENAI_CLIP_MEAN,
+    TEMPORAL_DIFFERENCE_KEY,
     VideoInputs,
     count_visual_tokens,
     frames_for_budget,
@@ -335,3 +336,45 @@ def test_llava_pixels_match_the_reference_image_processors(family):
     difference = (ours - expected).abs() * std * 255  # in uint8 levels
     assert ours.shape == expected.shape
     assert difference.max() <= 3 and (difference > 0.5).float().mean() < 0.05
+
+
+# ---- temporal difference channels (sparrow's extension for per-frame towers) ---------------
+
+
+def _six_channel_llava(seed: int = 0):
+    from transformers import AutoModelForImageTextToText
+
+    config = tiny_config("llava_onevision")
+    config.vision_config.num_channels = 6
+    torch.manual_seed(seed)
+    return AutoModelForImageTextToText.from_config(config, dtype=torch.float32).eval()
+
+
+@pytest.mark.parametrize(("num_frames", "stride"), [(9, 2), (3, 1), (16, 4)])
+def test_temporal_difference_channels(num_frames, stride):
+    model = _six_channel_llava()
+    settings = {**processor_config("llava_onevision"), TEMPORAL_DIFFERENCE_KEY: 4}
+    clip = random_clip(num_frames, seed=num_frames)
+    inputs = preprocess_video(clip, model.config, settings)
+    plain_config = tiny_config("llava_onevision")
+    plain = preprocess_video(clip, plain_config, processor_config("llava_onevision"))
+    pixels, frames = inputs.pixel_values_videos[0], plain.pixel_values_videos[0]  # (T, 6 | 3, S, S)
+    assert pixels.shape == (num_frames, 6, 56, 56)
+    assert torch.equal(pixels[:, :3], frames)  # the frames themselves, unchanged
+    for t in range(num_frames):
+        assert torch.equal(pixels[t, 3:], frames[t] - frames[max(0, t - stride)])
+    assert (pixels[0, 3:] == 0).all()
+    assert inputs.num_visual_tokens == video_features(model, inputs)  # the tower takes them
+    input_ids = build_video_prompt(tiny_tokenizer("llava_onevision"), model.config, inputs, "What moves?")
+    with torch.no_grad():
+        logits = model(input_ids=input_ids, **inputs.model_kwargs()).logits
+    assert torch.isfinite(logits).all()
+
+
+def test_temporal_difference_must_match_the_tower():
+    clip = random_clip(4)
+    with pytest.raises(ConfigError, match=f"takes 3 channels.*{TEMPORAL_DIFFERENCE_KEY}"):
+        preprocess_video(clip, tiny_config("llava_onevision"),
+                         {**processor_config("llava_onevision"), TEMPORAL_DIFFERENCE_KEY: 4})
+    with pytest.raises(ConfigError, match="takes 6 channels"):
+        preprocess_video(clip, _six_channel_llava().config, processor_config("llava_onevision"))

@@ -129,7 +129,7 @@ def build_reference(
 def read_weights(path: Path = WEIGHTS_FILE) -> tuple[dict, dict, float]:
     """(state, lora, scale) from the shipped weights file: `state` the tower / projector /
     newline tensors (model state-dict keys), `lora` {linear module name: (A (r, in), B (out, r))}
-    and the LoRA scale alpha / r."""
+    and the LoRA scale alpha / r. The shapes they were trained for: `weights_setup(path)`."""
     from safetensors import safe_open
 
     if not path.is_file():
@@ -158,12 +158,27 @@ def merge_lora(model, lora: dict, scale: float, sign: float = 1.0) -> None:
             weight += sign * scale * (b.to(torch.float32) @ a.to(torch.float32)).to(weight.dtype)
 
 
+def weights_setup(path: Path = WEIGHTS_FILE) -> tuple[dict, dict | None, dict]:
+    """(tower, rope_scaling, processor config) a weights file was trained with, from its
+    metadata (written by the export since it records them; the defaults of this module for
+    files from before: TOWER, ROPE_SCALING and PROCESSOR_CONFIG were those then), so weights
+    always assemble into the model they were trained as, whatever this module's defaults are."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata() or {}
+    read = lambda key, default: json.loads(metadata[key]) if key in metadata else default  # noqa: E731
+    return read("tower", TOWER), read("rope_scaling", ROPE_SCALING), read("processor", PROCESSOR_CONFIG)
+
+
 def build_shipped(path: Path = WEIGHTS_FILE):
-    """(model, tokenizer) of the reference target, from SmolLM2 and the shipped weights."""
+    """(model, tokenizer, processor config) of the reference target, from SmolLM2 and the
+    weights in `path`."""
     state, lora, scale = read_weights(path)
-    model, tokenizer = build_reference(TOWER, state, ROPE_SCALING)
+    tower, rope_scaling, processor = weights_setup(path)
+    model, tokenizer = build_reference(tower, state, rope_scaling)
     merge_lora(model, lora, scale)
-    return model, tokenizer
+    return model, tokenizer, processor
 
 
 def checkpoint(path: Path = WEIGHTS_FILE, progress: bool = True) -> Path:
@@ -177,11 +192,12 @@ def checkpoint(path: Path = WEIGHTS_FILE, progress: bool = True) -> Path:
     if progress:
         print(f"sparrow: assembling the reference target (SmolLM2-135M-Instruct + the eyes in {path.name}) "
               f"into {target} (once)...", file=sys.stderr)
-    model, tokenizer = build_shipped(path)
+    model, tokenizer, processor = build_shipped(path)
+
     def write(staging: Path) -> None:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        (staging / "preprocessor_config.json").write_text(json.dumps(PROCESSOR_CONFIG, indent=1))
+        (staging / "preprocessor_config.json").write_text(json.dumps(processor, indent=1))
 
     smollm2.publish_directory(target, write)
     if progress:

@@ -629,7 +629,8 @@ def export(run: Path, out: Path) -> Path:
     rank = caption["rank"]
     metadata = {"lora_rank": str(rank), "lora_alpha": str(2 * rank),
                 **{f"{stage}_steps": str(state["step"]) for stage, state in stages.items()},
-                "tower": json.dumps(reference.TOWER), "rope_scaling": json.dumps(reference.ROPE_SCALING)}
+                "tower": json.dumps(reference.TOWER), "rope_scaling": json.dumps(reference.ROPE_SCALING),
+                "processor": json.dumps(reference.PROCESSOR_CONFIG)}
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_suffix(".partial")
     save_file(tensors, str(partial), metadata=metadata)

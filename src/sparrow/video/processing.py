@@ -47,6 +47,7 @@ FAMILIES = QWEN_FAMILIES + LLAVA_FAMILIES
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+TEMPORAL_DIFFERENCE_KEY = "sparrow_temporal_difference"  # processor config key, see VideoSettings
 HALF = (0.5, 0.5, 0.5)
 
 # PIL resampling codes as stored in preprocessor_config.json -> interpolate mode.
@@ -103,6 +104,11 @@ class VideoSettings:
     shortest_edge: int | None = None
     crop_to: tuple[int, int] | None = None
     image_size: int = 0  # what the vision tower takes (LLaVA)
+    # sparrow's extension (LLaVA, the reference target): `temporal_difference` = N > 0 appends to
+    # each frame's 3 channels its difference from the frame s = max(1, T // N) earlier (the
+    # first s frames: from frame 0), so a per-frame vision tower sees what moved, appeared or
+    # changed over ~1/N of the clip. The tower must take 6 channels.
+    temporal_difference: int = 0
 
 
 def model_family(model_config) -> str:
@@ -188,6 +194,15 @@ def video_settings(model_config, processor_config: dict[str, Any] | None) -> Vid
     default_mean, default_std = (
         (HALF, HALF) if family == "llava_onevision" else (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
     )
+    temporal = int(config.get(TEMPORAL_DIFFERENCE_KEY, 0))
+    channels = getattr(vision, "num_channels", 3)
+    if channels != (6 if temporal else 3):
+        raise ConfigError(
+            f"the vision tower takes {channels} channels but the processor config makes "
+            f"{6 if temporal else 3} ({TEMPORAL_DIFFERENCE_KEY}={temporal}); set "
+            f"{TEMPORAL_DIFFERENCE_KEY} in preprocessor_config.json to match the tower "
+            "(0 for 3 channels, N > 0 for 6)"
+        )
     return VideoSettings(
         family=family,
         image_mean=_triple(config.get("image_mean", default_mean)),
@@ -201,6 +216,7 @@ def video_settings(model_config, processor_config: dict[str, Any] | None) -> Vid
         shortest_edge=shortest_edge,
         crop_to=crop_to,
         image_size=side,
+        temporal_difference=temporal,
     )
 
 
@@ -252,8 +268,10 @@ def preprocess_video(
             f"{settings.image_size}x{settings.image_size}; fix size/crop_size in preprocessor_config.json"
         )
     pixels = _rescale_and_normalize(video, settings)  # (T, 3, S, S) float32
+    if settings.temporal_difference:
+        pixels = temporal_difference(pixels, settings.temporal_difference)  # (T, 6, S, S)
     return VideoInputs(
-        pixel_values_videos=pixels.unsqueeze(0).to(dtype),  # (1, T, 3, S, S)
+        pixel_values_videos=pixels.unsqueeze(0).to(dtype),  # (1, T, C, S, S)
         video_grid_thw=None,
         num_visual_tokens=_llava_tokens(model_config, num_frames),
         frame_timestamps=timestamps,
@@ -432,6 +450,14 @@ def _center_crop(video: torch.Tensor, height: int, width: int, path: str) -> tor
         )
     top, left = int((frame_h - height) / 2.0), int((frame_w - width) / 2.0)
     return video[..., top : top + height, left : left + width]
+
+
+def temporal_difference(pixels: torch.Tensor, parts: int) -> torch.Tensor:
+    """(T, 3, H, W) -> (T, 6, H, W): each frame, then its difference from the frame
+    s = max(1, T // parts) earlier (frames before s: from frame 0; frame 0's is zero)."""
+    stride = max(1, pixels.shape[0] // parts)
+    earlier = pixels[(torch.arange(pixels.shape[0]) - stride).clamp(min=0)]
+    return torch.cat([pixels, pixels - earlier], dim=1)
 
 
 def _rescale_and_normalize(video: torch.Tensor, settings: VideoSettings) -> torch.Tensor:
