@@ -66,7 +66,58 @@ def test_shard_holds_the_processed_frames_and_facts(shard):
     config = reference.reference_config(reference.TOWER, reference.ROPE_SCALING)
     expected = preprocess_video(read_video(with_path), config, reference.PROCESSOR_CONFIG)
     expected = expected.pixel_values_videos[0]  # (T, 3, S, S)
-    torch.testing.assert_close(data.normalize(loaded.frames[2]), expected, atol=1e-6, rtol=0)
+    assert expected.shape[1] == reference.TOWER["num_channels"] == 6  # frames + temporal differences
+    torch.testing.assert_close(data.video_pixels(loaded.frames[2][None])[0], expected, atol=1e-6, rtol=0)
+    # A training pair (frame t, frame t - 1) is what the processor feeds the tower for frame t
+    # of an 8-frame clip (stride 8 // 16 -> 1).
+    pairs = data.pair_pixels(loaded.frames[2][1:], loaded.frames[2][:-1])
+    torch.testing.assert_close(pairs, expected[1:], atol=1e-6, rtol=0)
+
+
+def test_temporal_labels_follow_the_tracks():
+    """Every object's centre patch carries its motion since the earlier frame, whether it
+    appeared or changed colour; the patch it left carries 'vanished'."""
+    checked = {"moving": 0, "appeared": 0, "recoloured": 0, "vanished": 0}
+    for seed in range(40):
+        scene = synthetic.generate_scene(seed, 8, 128, 128)
+        labels = data.patch_labels(scene, grid=8)
+        arrays = {k: labels[k][None] for k in ("owner", "positions", "visible", "colour_ids")}
+        for now in range(8):
+            for before in (max(0, now - 1), max(0, now - 3)):
+                out = data.temporal_labels(arrays["owner"], arrays["positions"], arrays["visible"],
+                                           arrays["colour_ids"], np.array([now]), np.array([before]))
+                for i in range(len(scene.objects)):
+                    for frame, name in ((now, None), (before, "vanished")):
+                        if not scene.visible[frame, i]:
+                            continue
+                        cx, cy = scene.positions[frame, i]
+                        row, col = int(cy // 16), int(cx // 16)
+                        if labels["owner"][frame, row, col] != i + 1:
+                            continue  # another object covers its centre
+                        if name == "vanished":
+                            gone = not scene.visible[now, i]
+                            assert out["vanished"][0, row, col] == gone
+                            checked["vanished"] += gone
+                            continue
+                        was = bool(scene.visible[before, i])
+                        assert out["appeared"][0, row, col] == (not was)
+                        checked["appeared"] += not was
+                        if not was:
+                            assert out["motion"][0, row, col] == 0
+                            continue
+                        dx, dy = (scene.positions[now, i] - scene.positions[before, i]) / 128
+                        motion = data.MOTIONS[out["motion"][0, row, col] - 1]
+                        if max(abs(dx), abs(dy)) < data.MOTION_THRESHOLD:
+                            assert motion == "still"
+                        else:
+                            checked["moving"] += 1
+                            expected = (("left" if dx < 0 else "right") if abs(dx) >= abs(dy)
+                                        else ("up" if dy < 0 else "down"))
+                            assert motion == expected
+                        changed = scene.colour_ids[now, i] != scene.colour_ids[before, i]
+                        assert out["recoloured"][0, row, col] == changed
+                        checked["recoloured"] += changed
+    assert all(count > 0 for count in checked.values()), checked  # every kind was exercised
 
 
 @pytest.fixture(scope="module")
@@ -200,7 +251,7 @@ def test_caption_batches_fill_a_token_budget_with_one_frame_count(tokenizer, tmp
         batch = rt._caption_batch(tokenizer, config, resize, tmp_path, seed=1, step=step, budget=900,
                                   per_frame=16)
         size, frames = batch["pixel_values_videos"].shape[:2]
-        assert frames in rt.CAPTION_FRAMES and batch["pixel_values_videos"].shape[2:] == (3, 128, 128)
+        assert frames in rt.CAPTION_FRAMES and batch["pixel_values_videos"].shape[2:] == (6, 128, 128)
         assert size == 1 or int(batch["attention_mask"].sum()) <= 900
         video_tokens = (batch["input_ids"] == config.video_token_index).sum(dim=1)
         assert video_tokens.tolist() == [frames * 16 + 1] * size

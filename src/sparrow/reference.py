@@ -37,8 +37,14 @@ IMAGE_TOKEN = "<jupyter_text>"  # id 12
 # patches of 16 px, pooled to 4x4 = 16 visual tokens per frame (+ one newline per video), a
 # 4-layer 192-wide tower. (64x64 frames with 8 px patches, same token count, left the tower
 # unable to tell shapes apart: 0.19 per-patch shape accuracy after 500 pre-training steps.)
+# The tower takes 6 channels: each frame and its difference from the frame T // 16 earlier
+# (`sparrow_temporal_difference` below), so a per-frame tower sees motion, entries, exits and
+# colour changes. Without them (3 channels, run of 2026-11-26) the caption model learned what
+# is in a video (objects 0.77-0.91) but not what happens (motion 0.2-0.4, enter / leave /
+# colour change / order ~0 at 1,000 of 3,000 steps, twice).
 TOWER = dict(hidden_size=192, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
-             image_size=128, patch_size=16, vision_use_head=False)
+             image_size=128, patch_size=16, vision_use_head=False, num_channels=6)
+TEMPORAL_PARTS = 16
 # Static YaRN x4 over SmolLM2's 8192 training context: one scheme at every length, so cached keys
 # and tree queries agree (a length-dependent scheme would not).
 ROPE_SCALING = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8192}
@@ -51,6 +57,7 @@ PROCESSOR_CONFIG = {
     "do_rescale": True,
     "rescale_factor": 1 / 255,
     "do_normalize": True,
+    "sparrow_temporal_difference": TEMPORAL_PARTS,  # sparrow.video.processing.TEMPORAL_DIFFERENCE_KEY
 }
 
 # SmolLM2's own template, extended to content parts: a video part renders as VIDEO_TOKEN.
@@ -160,15 +167,20 @@ def merge_lora(model, lora: dict, scale: float, sign: float = 1.0) -> None:
 
 def weights_setup(path: Path = WEIGHTS_FILE) -> tuple[dict, dict | None, dict]:
     """(tower, rope_scaling, processor config) a weights file was trained with, from its
-    metadata (written by the export since it records them; the defaults of this module for
-    files from before: TOWER, ROPE_SCALING and PROCESSOR_CONFIG were those then), so weights
-    always assemble into the model they were trained as, whatever this module's defaults are."""
+    metadata (the export records them), so weights always assemble into the model they were
+    trained as, whatever this module's defaults are. Files from before the processor was
+    recorded: this module's PROCESSOR_CONFIG, without temporal differences for a 3-channel
+    tower (the processor of that time)."""
     from safetensors import safe_open
 
     with safe_open(str(path), "pt") as f:
         metadata = f.metadata() or {}
     read = lambda key, default: json.loads(metadata[key]) if key in metadata else default  # noqa: E731
-    return read("tower", TOWER), read("rope_scaling", ROPE_SCALING), read("processor", PROCESSOR_CONFIG)
+    tower = read("tower", TOWER)
+    processor = dict(PROCESSOR_CONFIG)
+    if tower.get("num_channels", 3) == 3:  # from before temporal differences
+        processor.pop("sparrow_temporal_difference")
+    return tower, read("rope_scaling", ROPE_SCALING), read("processor", processor)
 
 
 def build_shipped(path: Path = WEIGHTS_FILE):

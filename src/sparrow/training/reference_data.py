@@ -10,6 +10,12 @@ Patch labels (the vision tower's patch grid, `grid` x `grid`): the object that c
 largest share of the patch's pixels (at least `MIN_COVER`), as its colour / shape / size class
 (0 = background), and that object's centre in [0, 1] frame coordinates (for motion: a token that
 knows where its object is lets the language model compare positions across frames).
+
+Temporal labels (`temporal_labels`), for the tower that also sees each frame's difference from
+an earlier frame (`sparrow.video.processing.temporal_difference`): per patch, how the patch's
+object moved between the two frames (still / left / right / up / down), whether it was not
+there yet (appeared) or changed colour, and whether an object that covered the patch then has
+left the scene since (vanished). They come from the objects' tracks stored with each video.
 """
 
 from __future__ import annotations
@@ -31,6 +37,9 @@ from sparrow.video.io import read_video
 RENDER_FRAMES = 8
 RENDER_SIZE = 128
 MIN_COVER = 0.1
+MAX_OBJECTS = 8  # object slots stored per video (the generator's hardest preset draws 5)
+MOTIONS = ("still", "left", "right", "up", "down")
+MOTION_THRESHOLD = 0.02  # displacement (frame widths) below which an object counts as still
 SIZE_NAMES = tuple(synthetic.SIZES)
 BACKGROUND_COLOUR_NAMES = tuple(synthetic.BACKGROUND_COLOURS)
 
@@ -52,6 +61,10 @@ class Shard:
     shape: np.ndarray  # (N, T, G, G) int64: 0 background, 1 + index into SHAPES
     size: np.ndarray  # (N, T, G, G) int64: 0 background, 1 + index into SIZE_NAMES
     centre: np.ndarray  # (N, T, G, G, 2) float32 (x, y) in [0, 1] of the patch's object, 0 if none
+    owner: np.ndarray  # (N, T, G, G) int64: 0 background, 1 + the patch's object's index
+    positions: np.ndarray  # (N, T, MAX_OBJECTS, 2) float32 each object's centre in [0, 1]
+    visible: np.ndarray  # (N, T, MAX_OBJECTS) bool (empty slots: never)
+    colour_ids: np.ndarray  # (N, T, MAX_OBJECTS) int64 index into COLOUR_NAMES
     count: np.ndarray  # (N, T) int64 objects visible in the frame
     background: np.ndarray  # (N,) int64 index into BACKGROUND_KINDS
     background_colours: np.ndarray  # (N, 4) float32 multi-hot over BACKGROUND_COLOUR_NAMES
@@ -86,12 +99,53 @@ def patch_labels(scene: synthetic.Scene, grid: int) -> dict[str, np.ndarray]:
     size = np.where(present, size_ids[best] + 1, 0)
     centre = scene.positions[t_index, best] / np.array([width, height], dtype=np.float32)  # (T, G, G, 2)
     centre = np.where(present[..., None], centre, 0.0).astype(np.float32)
+    if objects > MAX_OBJECTS:
+        raise ValueError(f"scene {scene.seed} has {objects} objects; raise MAX_OBJECTS")
+    pad = MAX_OBJECTS - objects
+    positions = scene.positions / np.array([width, height], dtype=np.float32)  # (T, N, 2)
     return {
         "colour": colour.astype(np.int64),
         "shape": shape.astype(np.int64),
         "size": size.astype(np.int64),
         "centre": centre,
+        "owner": np.where(present, best + 1, 0).astype(np.int64),
+        "positions": np.pad(positions, ((0, 0), (0, pad), (0, 0))).astype(np.float32),
+        "visible": np.pad(scene.visible, ((0, 0), (0, pad))),
+        "colour_ids": np.pad(scene.colour_ids, ((0, 0), (0, pad))).astype(np.int64),
         "count": scene.visible.sum(axis=1).astype(np.int64),
+    }
+
+
+def temporal_labels(owner: np.ndarray, positions: np.ndarray, visible: np.ndarray,
+                    colour_ids: np.ndarray, now: np.ndarray, before: np.ndarray) -> dict[str, np.ndarray]:
+    """What changed on each patch between frame `before` and frame `now` of B videos.
+
+    owner (B, T, G, G), positions (B, T, K, 2), visible (B, T, K), colour_ids (B, T, K): the
+    shard's arrays of the B videos; now, before (B,) frame indices (before <= now). Returns, per
+    patch (B, G, G): `motion` 0 where the patch has no object visible in both frames, else
+    1 + index into MOTIONS of its object's displacement (the larger axis, if it exceeds
+    MOTION_THRESHOLD); `appeared` its object was not visible at `before`; `recoloured` its
+    object's colour differs from `before`; `vanished` an object covered it at `before` that is
+    not visible at `now`.
+    """
+    rows = np.arange(len(now))
+    owner_now, owner_before = owner[rows, now], owner[rows, before]  # (B, G, G)
+    obj = np.maximum(owner_now - 1, 0)
+    index = (rows[:, None, None], obj)
+    here = owner_now > 0
+    seen_before = visible[rows, before][index] & here  # (B, G, G)
+    delta = positions[rows, now][index] - positions[rows, before][index]  # (B, G, G, 2)
+    dx, dy = delta[..., 0], delta[..., 1]
+    direction = np.where(np.abs(dx) >= np.abs(dy), np.where(dx < 0, 1, 2), np.where(dy < 0, 3, 4))
+    moved = np.maximum(np.abs(dx), np.abs(dy)) >= MOTION_THRESHOLD
+    motion = np.where(seen_before, 1 + np.where(moved, direction, 0), 0)
+    recoloured = seen_before & (colour_ids[rows, now][index] != colour_ids[rows, before][index])
+    gone = ~visible[rows, now][rows[:, None, None], np.maximum(owner_before - 1, 0)]
+    return {
+        "motion": motion.astype(np.int64),
+        "appeared": (here & ~seen_before),
+        "recoloured": recoloured,
+        "vanished": (owner_before > 0) & gone,
     }
 
 
@@ -109,7 +163,8 @@ def build_shard(
     """
     path = Path(path)
     grid = image_size // patch_size
-    columns: dict[str, list] = {k: [] for k in ("frames", "colour", "shape", "size", "centre", "count")}
+    columns: dict[str, list] = {k: [] for k in ("frames", "colour", "shape", "size", "centre", "owner",
+                                                "positions", "visible", "colour_ids", "count")}
     backgrounds, background_colours, facts = [], [], []
     with tempfile.TemporaryDirectory() as scratch:
         for seed in tqdm(seeds, desc=f"corpus {path.name}", unit="video", disable=not progress):
@@ -140,6 +195,10 @@ def build_shard(
 def load_shard(path: str | os.PathLike) -> Shard:
     with np.load(path) as data:
         arrays = {key: data[key] for key in data.files if key != "facts"}
+        missing = set(Shard.__dataclass_fields__) - set(arrays) - {"facts"}
+        if missing:
+            raise ValueError(f"{path} was built by an older version (no {', '.join(sorted(missing))}); "
+                             "delete it (or its corpus directory) and the training rebuilds it")
         facts = [synthetic.VideoFacts.from_dict(item) for item in json.loads(str(data["facts"]))]
     return Shard(**arrays, facts=facts)
 
@@ -148,6 +207,34 @@ def normalize(frames: np.ndarray) -> torch.Tensor:
     """(..., S, S, 3) uint8 -> (..., 3, S, S) float32 with the reference processor's mean/std (0.5)."""
     pixels = torch.from_numpy(np.ascontiguousarray(frames)).movedim(-1, -3).to(torch.float32)
     return ((pixels - 127.5) / 127.5).contiguous()
+
+
+def video_pixels(frames: np.ndarray) -> torch.Tensor:
+    """(B, T, S, S, 3) uint8 -> (B, T, C, S, S): what the reference processor makes of the
+    videos: normalized, plus the temporal-difference channels its config asks for."""
+    from sparrow import reference
+    from sparrow.video.processing import TEMPORAL_DIFFERENCE_KEY, temporal_difference
+
+    pixels = normalize(frames)
+    parts = reference.PROCESSOR_CONFIG.get(TEMPORAL_DIFFERENCE_KEY, 0)
+    if parts:
+        pixels = torch.stack([temporal_difference(video, parts) for video in pixels])
+    return pixels
+
+
+def pair_pixels(now: np.ndarray, before: np.ndarray) -> torch.Tensor:
+    """(B, S, S, 3) uint8 frames and the earlier frames they are compared with -> (B, C, S, S):
+    each frame as the reference processor feeds it to the tower (with its difference from the
+    earlier frame when the processor config asks for temporal differences)."""
+    from sparrow import reference
+    from sparrow.video.processing import TEMPORAL_DIFFERENCE_KEY, temporal_difference
+
+    pixels = normalize(now)
+    if not reference.PROCESSOR_CONFIG.get(TEMPORAL_DIFFERENCE_KEY, 0):
+        return pixels
+    earlier = normalize(before)
+    pairs = zip(earlier, pixels, strict=True)
+    return torch.stack([temporal_difference(torch.stack([b, n]), 2)[1] for b, n in pairs])
 
 
 def conversation(facts: synthetic.VideoFacts, rng: random.Random, qa_turns: int = 3,

@@ -6,9 +6,11 @@ data as an uninterrupted one):
 
 1. `eyes`: the vision tower alone, supervised directly by the generator's ground truth through
    linear heads on its last hidden states: per patch the colour / shape / size class of the
-   object covering it and that object's centre, per frame the background kind and colours and
-   the object count. Cheap (no language model), and it makes the tower's features state the
-   facts linearly before the language model ever sees them.
+   object covering it and that object's centre, and (the tower also sees each frame's
+   difference from an earlier one) how that object moved since the earlier frame, whether it
+   appeared or changed colour, and whether an object that was on the patch has left; per frame
+   the background kind and colours and the object count. Cheap (no language model), and it
+   makes the tower's features state the facts linearly before the language model sees them.
 1b. `align`: the projector alone (tower frozen, no language model) regressed onto SmolLM2's
    word embeddings of what is on each patch ('small red circle', 'beige noisy'), so the
    language model can read the visual tokens from the first caption step. Without it the
@@ -88,6 +90,7 @@ def _resize_fn():
                          path="<synthetic>", frame_indices=np.arange(len(frames)),
                          total_frames=len(frames))
         pixels = preprocess_video(clip, config, reference.PROCESSOR_CONFIG).pixel_values_videos[0]
+        pixels = pixels[:, :3]  # the frames (any temporal-difference channels are made at use)
         return (pixels * 127.5 + 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
     return resize
@@ -157,6 +160,8 @@ class EyesHeads(nn.Module):
         self.background = nn.Linear(hidden, len(synthetic.BACKGROUND_KINDS))
         self.background_colours = nn.Linear(hidden, len(data.BACKGROUND_COLOUR_NAMES))
         self.count = nn.Linear(hidden, 8)  # objects visible in the frame
+        self.motion = nn.Linear(hidden, 1 + len(data.MOTIONS))  # 0: no object seen in both frames
+        self.changes = nn.Linear(hidden, len(CHANGES))  # appeared / recoloured / vanished logits
 
     def losses(self, states: torch.Tensor, batch: dict) -> tuple[torch.Tensor, dict]:
         """states (B, P, H); batch labels flattened to (B, P) / (B, P, 2) / (B,)."""
@@ -179,6 +184,8 @@ class EyesHeads(nn.Module):
             centre_error = (self.centre(states)[objects] - batch["centre"][objects]).abs()
             total = total + 10 * centre_error.mean()
             metrics["centre_mae"] = centre_error.mean().item()
+        if "motion" in batch:
+            total = total + self._temporal(states, batch, metrics)
         for name in ("background", "count"):
             logits = getattr(self, name)(pooled)
             total = total + F.cross_entropy(logits, batch[name])
@@ -190,13 +197,48 @@ class EyesHeads(nn.Module):
         metrics["loss"] = total.item()
         return total, metrics
 
+    def _temporal(self, states: torch.Tensor, batch: dict, metrics: dict) -> torch.Tensor:
+        """Motion of each patch's object (on patches whose object is in both frames; moving
+        ones weigh 4x, being rarer) and the three changes (positives weigh 8x)."""
+        target = batch["motion"]  # (B, P): 0 none, 1 still, 2.. a direction
+        labelled, moving = target > 0, target > 1
+        logits = self.motion(states)
+        total = 0.0
+        if labelled.any():
+            weight = 1 + 3 * moving[labelled].float()
+            loss = F.cross_entropy(logits[labelled], target[labelled], reduction="none")
+            total = (loss * weight).sum() / weight.sum()
+            correct = logits.argmax(-1) == target
+            metrics["motion_acc"] = correct[labelled].float().mean().item()
+            metrics["moving_acc"] = correct[moving].float().mean().item() if moving.any() else 1.0
+        changes = self.changes(states)  # (B, P, 3)
+        for i, name in enumerate(CHANGES):
+            truth = batch[name].float()  # (B, P)
+            total = total + F.binary_cross_entropy_with_logits(
+                changes[..., i], truth, pos_weight=torch.tensor(8.0))
+            said = changes[..., i] > 0
+            positive = truth > 0
+            metrics[f"{name}_recall"] = said[positive].float().mean().item() if positive.any() else 1.0
+            metrics[f"{name}_false_rate"] = said[~positive].float().mean().item()
+        return total
+
+
+CHANGES = ("appeared", "recoloured", "vanished")
+PAIR_STRIDES = (1, 2, 3)  # frames between a pair's earlier and later frame (8-frame clips)
+
 
 def _frame_batch(shard: data.Shard, rng: np.random.Generator, size: int) -> dict:
+    """`size` frames, each with the earlier frame the tower compares it with (PAIR_STRIDES
+    before it, or frame 0, as the processor does at the start of a clip), and their labels."""
     n, t = shard.frames.shape[:2]
     videos, frames = rng.integers(0, n, size), rng.integers(0, t, size)
+    before = np.maximum(frames - rng.choice(PAIR_STRIDES, size), 0)
     flat = lambda a: torch.from_numpy(a[videos, frames]).flatten(1, 2)  # noqa: E731  (B, P, ...)
+    temporal = data.temporal_labels(shard.owner[videos], shard.positions[videos], shard.visible[videos],
+                                    shard.colour_ids[videos], frames, before)
     return {
-        "pixels": data.normalize(shard.frames[videos, frames]),  # (B, 3, S, S)
+        "pixels": data.pair_pixels(shard.frames[videos, frames], shard.frames[videos, before]),
+        **{name: torch.from_numpy(value).flatten(1, 2) for name, value in temporal.items()},
         "colour": flat(shard.colour), "shape": flat(shard.shape), "size": flat(shard.size),
         "centre": flat(shard.centre),
         "count": torch.from_numpy(shard.count[videos, frames]),
@@ -288,6 +330,17 @@ def region_table(tokenizer, embeddings: torch.Tensor) -> torch.Tensor:
                         .mean(dim=0) for region in synthetic.REGIONS])
 
 
+# The words the descriptions use for what happens, mixed into a patch's align target when it
+# happens on that patch (`data.MOTIONS` order after "still", then CHANGES order).
+MOTION_WORDS = ("moves left", "moves right", "moves up", "moves down")
+CHANGE_WORDS = ("enters", "changes colour", "leaves")
+
+
+def phrase_embedding(tokenizer, embeddings: torch.Tensor, phrase: str) -> torch.Tensor:
+    """(D,) the mean of the word embeddings of a phrase's words."""
+    return torch.stack([word_embedding(tokenizer, embeddings, w) for w in phrase.split()]).mean(dim=0)
+
+
 def patch_targets(tokenizer, embeddings: torch.Tensor, batch: dict) -> torch.Tensor:
     """(B, P, D) what each patch's projected feature should look like: the mean word embedding
     of the object on it and of where that object is ('small', 'red', 'circle', 'top left': the
@@ -295,9 +348,12 @@ def patch_targets(tokenizer, embeddings: torch.Tensor, batch: dict) -> torch.Ten
     ('beige', 'noisy'). Why the position: a visual token's place in the frame is otherwise only
     its index among the frame's 16 tokens, and a caption model aligned without it (step 1,000
     of 3,000) named the right objects (0.91) but put them in near-random places and got
-    almost no events right (motion 0.40, enter / leave / colour change 0)."""
+    almost no events right (motion 0.40, enter / leave / colour change 0).
+    What happens on the patch since the earlier frame the tower compares it with joins the
+    mean as one more term each: its object's motion ('moves left'), 'enters', 'changes
+    colour'; on the background, 'leaves' where an object has just gone."""
     def table(words: list[str]) -> torch.Tensor:  # (len(words), D)
-        return torch.stack([word_embedding(tokenizer, embeddings, w) for w in words])
+        return torch.stack([phrase_embedding(tokenizer, embeddings, w) for w in words])
 
     sizes = table(list(data.SIZE_NAMES))
     colours = table(list(synthetic.COLOUR_NAMES))
@@ -308,10 +364,22 @@ def patch_targets(tokenizer, embeddings: torch.Tensor, batch: dict) -> torch.Ten
     index = lambda labels: (labels - 1).clamp(min=0)  # noqa: E731
     where = region_table(tokenizer, embeddings)[region_index(batch["centre"])]  # (B, P, D)
     thing = sizes[index(batch["size"])] + colours[index(batch["colour"])] + shapes[index(batch["shape"])]
-    thing = (thing + where) / 4  # (B, P, D)
+    thing, terms = thing + where, torch.full(objects.shape, 4.0)
     hot = batch["background_colours"]  # (B, 4)
-    background = (hot @ bg_colours + kinds[batch["background"]]) / (hot.sum(-1, keepdim=True) + 1)  # (B, D)
-    return torch.where(objects[..., None], thing, background[:, None, :])  # (B, P, D)
+    background = (hot @ bg_colours + kinds[batch["background"]])[:, None, :].expand_as(thing)  # (B, P, D)
+    background_terms = (hot.sum(-1, keepdim=True) + 1).expand(objects.shape)
+    if "motion" in batch:
+        motions, changes = table(list(MOTION_WORDS)), table(list(CHANGE_WORDS))
+        moving = (batch["motion"] > 1).float()  # (B, P)
+        thing = thing + moving[..., None] * motions[(batch["motion"] - 2).clamp(min=0)]
+        terms = terms + moving
+        for i, name in enumerate(CHANGES[:2]):  # appeared, recoloured: on the object
+            happened = batch[name].float()
+            thing, terms = thing + happened[..., None] * changes[i], terms + happened
+        left = batch["vanished"].float()  # on what is background now
+        background, background_terms = background + left[..., None] * changes[2], background_terms + left
+    return torch.where(objects[..., None], thing / terms[..., None],
+                       background / background_terms[..., None])  # (B, P, D)
 
 
 def train_align(run: Path, train: list[Path], val: Path, steps: int, batch: int, lr: float, seed: int,
@@ -333,6 +401,7 @@ def train_align(run: Path, train: list[Path], val: Path, steps: int, batch: int,
     held_out = data.load_shard(val)
 
     regions = region_table(tokenizer, embeddings)  # (9, D)
+    motions = torch.stack([phrase_embedding(tokenizer, embeddings, w) for w in MOTION_WORDS])  # (4, D)
 
     def loss_of(frames: dict) -> tuple[torch.Tensor, dict]:
         with torch.no_grad():
@@ -344,11 +413,20 @@ def train_align(run: Path, train: list[Path], val: Path, steps: int, batch: int,
         weight = 1 + 4 * objects.float()
         # Where the object is, read back from its tokens: the region whose target (same object
         # words, that region's words) is nearest.
+        terms = (4 + frames["appeared"].float() + frames["recoloured"].float()
+                 + (frames["motion"] > 1).float())[objects][:, None, None]  # (N, 1, 1) words averaged
         truth = region_index(frames["centre"][objects])  # (N,)
-        others = target[objects][:, None] + (regions[None] - regions[truth][:, None]) / 4  # (N, 9, D)
+        others = target[objects][:, None] + (regions[None] - regions[truth][:, None]) / terms  # (N, 9, D)
         read = (tokens[objects][:, None] - others).pow(2).sum(-1).argmin(-1) == truth
         metrics = {"val_relative_error": (error.mean() / target.pow(2).mean(-1).mean()).item(),
                    "val_region_accuracy": read.float().mean().item()}
+        moving = frames["motion"][objects] > 1  # and which way it moves, among the four
+        if moving.any():
+            direction = frames["motion"][objects][moving] - 2  # (M,)
+            shift = (motions[None] - motions[direction][:, None]) / terms[moving]  # (M, 4, D)
+            others = target[objects][moving][:, None] + shift
+            read = (tokens[objects][moving][:, None] - others).pow(2).sum(-1).argmin(-1) == direction
+            metrics["val_motion_accuracy"] = read.float().mean().item()
         return (error * weight).sum() / weight.sum(), metrics
 
     for step in tqdm(range(steps), desc="align", unit="step"):
@@ -364,7 +442,8 @@ def train_align(run: Path, train: list[Path], val: Path, steps: int, batch: int,
             _log(log, {"step": step + 1, "train_loss": loss.item(), **metrics})
             tqdm.write(f"align step {step + 1}: held-out squared error / target power "
                        f"{metrics['val_relative_error']:.3f}, region read from object tokens "
-                       f"{metrics['val_region_accuracy']:.3f}")
+                       f"{metrics['val_region_accuracy']:.3f}, motion of moving objects "
+                       f"{metrics.get('val_motion_accuracy', float('nan')):.3f}")
     _save(checkpoint, {"projector": projector.state_dict(), "step": steps})
     return checkpoint
 
@@ -455,7 +534,7 @@ def _caption_batch(tokenizer, model_config, resize, scratch: Path, seed: int, st
         labels[row, : len(ids)] = mask
         attention[row, : len(ids)] = 1
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention,
-            "pixel_values_videos": data.normalize(np.stack(clips))}  # (B, T, 3, S, S)
+            "pixel_values_videos": data.video_pixels(np.stack(clips))}  # (B, T, C, S, S)
 
 
 def caption_loss(model, batch: dict) -> torch.Tensor:
@@ -501,7 +580,7 @@ def describe_score(model, tokenizer, facts_list, frames: np.ndarray, max_new_tok
     ids = render_chat(tokenizer, config, messages, video)
     for facts, clip in zip(facts_list, frames, strict=True):
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-            out = model.generate(input_ids=ids, pixel_values_videos=data.normalize(clip[None]),
+            out = model.generate(input_ids=ids, pixel_values_videos=data.video_pixels(clip[None]),
                                  max_new_tokens=max_new_tokens, do_sample=False)
         text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
         score = synthetic.score_description(text, facts)
