@@ -69,7 +69,7 @@ def test_shard_holds_the_processed_frames_and_facts(shard):
     assert expected.shape[1] == reference.TOWER["num_channels"] == 6  # frames + temporal differences
     torch.testing.assert_close(data.video_pixels(loaded.frames[2][None])[0], expected, atol=1e-6, rtol=0)
     # A training pair (frame t, frame t - 1) is what the processor feeds the tower for frame t
-    # of an 8-frame clip (stride 8 // 16 -> 1).
+    # of an 8-frame clip (stride 8 // 8 -> 1).
     pairs = data.pair_pixels(loaded.frames[2][1:], loaded.frames[2][:-1])
     torch.testing.assert_close(pairs, expected[1:], atol=1e-6, rtol=0)
 
