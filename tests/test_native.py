@@ -205,6 +205,9 @@ def test_tree_falls_back_where_it_does_not_apply(built):
     assert native.tree_attention(query, key, value, visible[:3], 0.1) is None  # 3 rows for 4
     assert native.tree_attention(query.double(), key.double(), value.double(), visible,
                                  0.1) is None
+    many = native.MAX_TREE_ROWS // 6 + 1  # a long appended prompt: SDPA's flash kernel instead
+    query, key, value, visible = _tree_case(2, 6, 64, many, many, 4096)
+    assert native.tree_attention(query, key, value, visible, 0.1) is None
 
 
 @pytest.mark.parametrize("family", ["llava_onevision", "qwen2_vl"])

@@ -40,9 +40,10 @@ IMAGE_TOKEN = "<jupyter_text>"  # id 12
 # The tower takes 6 channels: each frame and its difference from the frame T // 8 earlier
 # (`sparrow_temporal_difference` below), so a per-frame tower sees motion, entries, exits and
 # colour changes. 1/8 of the clip at any length: the eyes stage learns differences from its
-# 8-frame clips 1-3 frames apart, so clips of every length show it the displacements it knows. Without them (3 channels, run of 2026-11-26) the caption model learned what
-# is in a video (objects 0.77-0.91) but not what happens (motion 0.2-0.4, enter / leave /
-# colour change / order ~0 at 1,000 of 3,000 steps, twice).
+# 8-frame clips 1-3 frames apart, so clips of every length show it the displacements it knows.
+# Without them (3 channels, runs of 2026-11-26) the caption model learned what is in a video
+# (objects 0.77-0.91) but not what happens (motion 0.2-0.4, enter / leave / colour change /
+# order ~0 at 1,000 of 3,000 steps, twice).
 TOWER = dict(hidden_size=192, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
              image_size=128, patch_size=16, vision_use_head=False, num_channels=6)
 TEMPORAL_PARTS = 8

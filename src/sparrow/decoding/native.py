@@ -31,6 +31,10 @@ KERNELS = Path(__file__).parent / "kernels"
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
 MIN_LENGTH = 2048  # shorter caches keep SDPA (the call costs a few microseconds more)
 CHUNK = 512  # keys per work item at most: fp32 sums over at most 512 terms before the merge
+# Query rows per KV head (query heads per KV head x new tokens) above which tree attention leaves
+# the work to SDPA: each work item keeps every row's partial result, and long appended prompts
+# are better served by SDPA's own flash kernel than by (chunks x rows) partial states.
+MAX_TREE_ROWS = 1024
 
 
 def _cpu_flags() -> str:
@@ -147,7 +151,7 @@ def tree_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     kv_heads, length = key.shape[1], key.shape[2]
     masked = visible.shape[1]
     if (dim % 8 or visible.shape[0] != q_len or masked > length
-            or not _applies(query, key, value)):
+            or heads // key.shape[1] * q_len > MAX_TREE_ROWS or not _applies(query, key, value)):
         return None
     lib = library()
     if lib is None or not lib.tree_attention_available():
