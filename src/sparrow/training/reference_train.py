@@ -326,8 +326,7 @@ def region_index(centre: torch.Tensor) -> torch.Tensor:
 
 def region_table(tokenizer, embeddings: torch.Tensor) -> torch.Tensor:
     """(9, D) per region of `synthetic.REGIONS` the mean embedding of its words ('top', 'left')."""
-    return torch.stack([torch.stack([word_embedding(tokenizer, embeddings, w) for w in region.split()])
-                        .mean(dim=0) for region in synthetic.REGIONS])
+    return torch.stack([phrase_embedding(tokenizer, embeddings, region) for region in synthetic.REGIONS])
 
 
 # The words the descriptions use for what happens, mixed into a patch's align target when it
