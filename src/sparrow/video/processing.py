@@ -32,14 +32,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from sparrow.errors import ConfigError, VideoError
-from sparrow.video.io import VideoClip
+
+if TYPE_CHECKING:  # a type only: the tensor arithmetic here needs no PyAV
+    from sparrow.video.io import VideoClip
 
 QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 LLAVA_FAMILIES = ("llava_onevision", "llava_next_video")
