@@ -120,6 +120,47 @@ def test_temporal_labels_follow_the_tracks():
     assert all(count > 0 for count in checked.values()), checked  # every kind was exercised
 
 
+def test_pooled_states_are_what_llava_onevision_hands_the_language_model():
+    """The eyes and align stages train on 2x2 block means; LLaVA-OneVision pools the projected
+    patches with a bilinear halving of the grid: the same numbers."""
+    from types import SimpleNamespace
+
+    from transformers.models.llava_onevision.modeling_llava_onevision import LlavaOnevisionModel
+
+    tower = reference.TOWER
+    holder = SimpleNamespace(config=SimpleNamespace(vision_config=SimpleNamespace(**tower)))
+    grid = tower["image_size"] // tower["patch_size"]
+    states = torch.randn(5, grid * grid, 12)
+    theirs = LlavaOnevisionModel.apply_pooling(holder, states)
+    assert theirs.shape == (5, grid * grid // 4, 12)
+    torch.testing.assert_close(rt.pooled(states), theirs)
+
+
+def test_a_block_belongs_to_the_object_covering_most_of_it():
+    owner = np.array([[0, 0, 1, 2],
+                      [0, 3, 2, 2],
+                      [4, 4, 0, 0],
+                      [4, 0, 0, 0]])
+    blocks, pick = data.block_owner(owner)
+    assert blocks.tolist() == [[3, 2], [4, 0]]  # an object beats background; majority wins
+    quads = data.to_blocks(owner)
+    assert (np.take_along_axis(quads, pick[..., None], -1)[..., 0] == blocks).all()
+
+
+def test_frame_batches_label_each_block_with_its_objects_facts(shard):
+    """Block labels are those of the block's object in that frame (colour, shape, size, centre)
+    and background where no object is; temporal labels follow the block's object."""
+    batch = rt._frame_batch(data.load_shard(shard), np.random.default_rng(0), 64)
+    blocks = (reference.TOWER["image_size"] // reference.TOWER["patch_size"] // 2) ** 2
+    assert batch["colour"].shape == batch["motion"].shape == (64, blocks)
+    assert batch["centre"].shape == (64, blocks, 2)
+    objects = batch["colour"] > 0
+    assert ((batch["shape"] > 0) == objects).all() and ((batch["size"] > 0) == objects).all()
+    assert objects.any() and (~objects).any()
+    assert (batch["motion"][~objects] == 0).all() and not batch["appeared"][~objects].any()
+    assert (batch["motion"][objects] > 0).any()
+
+
 @pytest.fixture(scope="module")
 def tokenizer():
     from transformers import AutoTokenizer

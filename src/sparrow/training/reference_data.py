@@ -149,6 +149,31 @@ def temporal_labels(owner: np.ndarray, positions: np.ndarray, visible: np.ndarra
     }
 
 
+def block_owner(owner: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The object of each 2x2 block of patches, as the language model sees a frame.
+
+    LLaVA-OneVision halves every frame's grid of projected patches before the language model
+    (`apply_pooling`: bilinear to half size, on an even grid the mean of each 2x2 block), so a
+    visual token is a block. owner (..., G, G) per patch (0 background, 1 + object index) ->
+    (block owner (..., G/2, G/2), pick (..., G/2, G/2)): the object covering most of the
+    block's patches (the first such patch wins a tie; background only where no object is), and
+    which of the block's patches (0-3, row-major) is one of it, to read its per-patch labels.
+    """
+    quads = to_blocks(owner)  # (..., G/2, G/2, 4)
+    same = (quads[..., :, None] == quads[..., None, :]).sum(-1)  # patches sharing each one's owner
+    pick = np.where(quads > 0, same, 0).argmax(-1)
+    return np.take_along_axis(quads, pick[..., None], -1)[..., 0], pick
+
+
+def to_blocks(values: np.ndarray, axis: int = -2) -> np.ndarray:
+    """Per-patch values with the (G, G) grid at `axis`, `axis + 1` -> the grid's 2x2 blocks:
+    (..., G, G, *rest) -> (..., G/2, G/2, 4, *rest), a block's patches in row-major order."""
+    axis %= values.ndim
+    lead, (rows, cols), rest = values.shape[:axis], values.shape[axis:axis + 2], values.shape[axis + 2:]
+    split = values.reshape(*lead, rows // 2, 2, cols // 2, 2, *rest)
+    return np.moveaxis(split, axis + 1, axis + 2).reshape(*lead, rows // 2, cols // 2, 4, *rest)
+
+
 def build_shard(
     path: str | os.PathLike,
     seeds: list[int],

@@ -11,8 +11,14 @@ data as an uninterrupted one):
    appeared or changed colour, and whether an object that was on the patch has left; per frame
    the background kind and colours and the object count. Cheap (no language model), and it
    makes the tower's features state the facts linearly before the language model sees them.
-1b. `align`: the projector alone (tower frozen, no language model) regressed onto SmolLM2's
-   word embeddings of what is on each patch ('small red circle', 'beige noisy'), so the
+   The heads read the mean of each 2x2 block of patches and the labels are the block's (its
+   main object's): LLaVA-OneVision pools the projected patches 2x2 before the language model,
+   and eyes trained per patch (64 a frame) lost exactly what mattered there: the tower read a
+   moving patch's direction at 0.98, a linear probe on the tokens SmolLM2 received at 0.15
+   (chance 0.25), and the caption stage never learned motion (0.10 at step 1,000).
+1b. `align`: the projector alone (tower frozen, no language model), its pooled output (the
+   visual tokens as the LM receives them) regressed onto SmolLM2's word embeddings of what is
+   on each block ('small red circle', 'beige noisy'), so the
    language model can read the visual tokens from the first caption step. Without it the
    projector learned through the LM: after 250 caption steps the descriptions were fluent but
    ignored the video (held-out key-fact score 0.15, every background "plain grey") and the
@@ -229,12 +235,22 @@ PAIR_STRIDES = (1, 2, 3)  # frames between a pair's earlier and later frame (8-f
 
 def _frame_batch(shard: data.Shard, rng: np.random.Generator, size: int) -> dict:
     """`size` frames, each with the earlier frame the tower compares it with (PAIR_STRIDES
-    before it, or frame 0, as the processor does at the start of a clip), and their labels."""
+    before it, or frame 0, as the processor does at the start of a clip), and their labels per
+    2x2 block of patches (a visual token after LLaVA-OneVision's pooling; `data.block_owner`):
+    those of the object covering most of the block, and what happened to it since the earlier
+    frame."""
     n, t = shard.frames.shape[:2]
     videos, frames = rng.integers(0, n, size), rng.integers(0, t, size)
     before = np.maximum(frames - rng.choice(PAIR_STRIDES, size), 0)
-    flat = lambda a: torch.from_numpy(a[videos, frames]).flatten(1, 2)  # noqa: E731  (B, P, ...)
-    temporal = data.temporal_labels(shard.owner[videos], shard.positions[videos], shard.visible[videos],
+    owner, pick = data.block_owner(shard.owner[videos])  # (B, T, G/2, G/2) every frame's blocks
+    chosen = pick[np.arange(size), frames]  # (B, G/2, G/2)
+
+    def flat(labels: np.ndarray) -> torch.Tensor:  # (N, T, G, G, ...) -> (B, blocks, ...)
+        quads = data.to_blocks(labels[videos, frames], 1)  # (B, G/2, G/2, 4, ...)
+        index = chosen.reshape(*chosen.shape, 1, *([1] * (quads.ndim - 4)))
+        return torch.from_numpy(np.take_along_axis(quads, index, 3).squeeze(3)).flatten(1, 2)
+
+    temporal = data.temporal_labels(owner, shard.positions[videos], shard.visible[videos],
                                     shard.colour_ids[videos], frames, before)
     return {
         "pixels": data.pair_pixels(shard.frames[videos, frames], shard.frames[videos, before]),
@@ -250,6 +266,15 @@ def _frame_batch(shard: data.Shard, rng: np.random.Generator, size: int) -> dict
 def tower_states(tower: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
     """(B, P, H): the hidden states LLaVA-OneVision takes (vision_feature_layer -1, 'full')."""
     return tower(pixels, output_hidden_states=True).hidden_states[-1]
+
+
+def pooled(states: torch.Tensor) -> torch.Tensor:
+    """(B, G*G, H) per patch -> (B, G*G/4, H): the mean of each 2x2 block, which is what
+    LLaVA-OneVision's `apply_pooling` (bilinear halving of an even grid) makes of a frame's
+    projected patches before the language model sees them."""
+    batch, patches, hidden = states.shape
+    grid = math.isqrt(patches)
+    return states.reshape(batch, grid // 2, 2, grid // 2, 2, hidden).mean((2, 4)).reshape(batch, -1, hidden)
 
 
 def train_eyes(run: Path, train: list[Path], val: Path, steps: int, batch: int, lr: float,
@@ -281,7 +306,7 @@ def train_eyes(run: Path, train: list[Path], val: Path, steps: int, batch: int, 
             group["lr"] = lr * schedule(step)
         batch_data = _frame_batch(corpus, np.random.default_rng([seed, step]), batch)
         tower.train()
-        loss, metrics = heads.losses(tower_states(tower, batch_data["pixels"]), batch_data)
+        loss, metrics = heads.losses(pooled(tower_states(tower, batch_data["pixels"])), batch_data)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -291,7 +316,7 @@ def train_eyes(run: Path, train: list[Path], val: Path, steps: int, batch: int, 
             tower.eval()
             with torch.no_grad():
                 val_batch = _frame_batch(held_out, np.random.default_rng([seed, 2**31]), 512)
-                _, val_metrics = heads.losses(tower_states(tower, val_batch["pixels"]), val_batch)
+                _, val_metrics = heads.losses(pooled(tower_states(tower, val_batch["pixels"])), val_batch)
             _log(log, {"step": done, "train": metrics, "val": val_metrics,
                        "elapsed_s": round(time.perf_counter() - began, 1)})
             tqdm.write(f"eyes step {done}: " + ", ".join(f"{k} {v:.3f}" for k, v in val_metrics.items()))
@@ -406,7 +431,7 @@ def train_align(run: Path, train: list[Path], val: Path, steps: int, batch: int,
         with torch.no_grad():
             states = tower_states(tower, frames["pixels"])  # (B, P, H)
         target = patch_targets(tokenizer, embeddings, frames)  # (B, P, D)
-        tokens = projector(states)
+        tokens = pooled(projector(states))  # (B, blocks, D): the visual tokens SmolLM2 reads
         error = (tokens - target).pow(2).mean(-1)  # (B, P)
         objects = frames["colour"] > 0
         weight = 1 + 4 * objects.float()
