@@ -155,7 +155,8 @@ def build_tower() -> nn.Module:
 
 
 class EyesHeads(nn.Module):
-    """Linear read-outs of the tower's last hidden states (B frames, P patches, hidden H)."""
+    """Linear read-outs of the tower's last hidden states, pooled to the visual tokens' 2x2 blocks
+    (B frames, P blocks, hidden H)."""
 
     def __init__(self, hidden: int):
         super().__init__()
