@@ -136,6 +136,31 @@ def test_pooled_states_are_what_llava_onevision_hands_the_language_model():
     torch.testing.assert_close(rt.pooled(states), theirs)
 
 
+def test_every_patch_read_gives_each_patch_its_blocks_labels():
+    """--eyes-read every-patch: view 4b + k holds patch k of every block of frame b, labelled
+    with its block's facts; the four views average to the block means."""
+    grid = reference.TOWER["image_size"] // reference.TOWER["patch_size"]
+    states = torch.randn(2, grid * grid, 3)
+    batch = {"pixels": torch.zeros(2, 6, 4, 4), "colour": torch.arange(2 * grid * grid // 4).reshape(2, -1),
+             "count": torch.tensor([3, 5])}
+    views, labels = rt.eyes_view(states, batch, "every-patch")
+    assert views.shape == (8, grid * grid // 4, 3)
+    for b in range(2):
+        for i in range(2):
+            for j in range(2):
+                for row in range(grid // 2):
+                    for col in range(grid // 2):
+                        patch = (2 * row + i) * grid + 2 * col + j
+                        block = row * grid // 2 + col
+                        assert torch.equal(views[4 * b + 2 * i + j, block], states[b, patch])
+    torch.testing.assert_close(views.reshape(2, 4, -1, 3).mean(1), rt.pooled(states))
+    assert labels["colour"].tolist() == [batch["colour"][b].tolist() for b in (0, 0, 0, 0, 1, 1, 1, 1)]
+    assert labels["count"].tolist() == [3, 3, 3, 3, 5, 5, 5, 5] and labels["pixels"] is batch["pixels"]
+    assert rt.eyes_view(states, batch, "block-mean")[0].shape == (2, grid * grid // 4, 3)
+    with pytest.raises(ValueError, match="every-patch"):
+        rt.eyes_view(states, batch, "per-pixel")
+
+
 def test_a_block_belongs_to_the_object_covering_most_of_it():
     owner = np.array([[0, 0, 1, 2],
                       [0, 3, 2, 2],
@@ -143,7 +168,8 @@ def test_a_block_belongs_to_the_object_covering_most_of_it():
                       [4, 0, 0, 0]])
     blocks, pick = data.block_owner(owner)
     assert blocks.tolist() == [[3, 2], [4, 0]]  # an object beats background; majority wins
-    assert pick.tolist() == [[3, 1], [0, 0]]  # the first of the block's patches (row-major) that is its object's
+    # the first of the block's patches (row-major) that is its object's
+    assert pick.tolist() == [[3, 1], [0, 0]]
     assert data.to_blocks(owner)[0, 1].tolist() == [1, 2, 2, 2]
 
 
@@ -199,6 +225,8 @@ def test_eyes_training_resumes_exactly(shard, tmp_path):
         torch.testing.assert_close(a["tower"][key], b["tower"][key], rtol=0, atol=0)
     logged = [json.loads(line) for line in (straight / "eyes.jsonl").read_text().splitlines()]
     assert logged[-1]["step"] == 4 and 0 <= logged[-1]["val"]["colour_acc"] <= 1
+    with pytest.raises(SystemExit, match="--eyes-read block-mean"):  # another read would not resume it
+        rt.train_eyes(resumed, [shard], shard, steps=6, read="every-patch", **kwargs)
 
 
 def test_caption_training_resumes_exactly_and_exports_mergeable_weights(shard, tmp_path):

@@ -16,6 +16,11 @@ data as an uninterrupted one):
    and eyes trained per patch (64 a frame) lost exactly what mattered there: the tower read a
    moving patch's direction at 0.98, a linear probe on the tokens SmolLM2 received at 0.15
    (chance 0.25), and the caption stage never learned motion (0.10 at step 1,000).
+   `--eyes-read every-patch` puts the heads on each of a block's four patches instead, each
+   labelled with its block's facts, so that every patch state carries them and the projector
+   (applied per patch, before the pooling) need not rebuild them from a mean (an experiment:
+   with the block means, a linear probe read the moving direction from the LM-input tokens at
+   0.44-0.48, from the tower's pooled states at 0.61).
 1b. `align`: the projector alone (tower frozen, no language model), its pooled output (the
    visual tokens as the LM receives them) regressed onto SmolLM2's word embeddings of what is
    on each block ('small red circle', 'beige noisy'), so the
@@ -278,10 +283,33 @@ def pooled(states: torch.Tensor) -> torch.Tensor:
     return states.reshape(batch, grid // 2, 2, grid // 2, 2, hidden).mean((2, 4)).reshape(batch, -1, hidden)
 
 
+EYES_READS = ("block-mean", "every-patch")
+
+
+def eyes_view(states: torch.Tensor, batch: dict, read: str) -> tuple[torch.Tensor, dict]:
+    """What the eyes heads read, with matching labels. "block-mean": the mean of each 2x2 block
+    (B, G*G/4, H), as the language model receives it. "every-patch": each of a block's four
+    patches on its own, every one labelled with its block's facts (4B, G*G/4, H): view 4b + k
+    holds patch k (row-major within the block) of every block of frame b, so each patch state
+    must carry its block's facts, not only their mean."""
+    if read == "block-mean":
+        return pooled(states), batch
+    if read != "every-patch":
+        raise ValueError(f"unknown eyes read {read!r}: one of {EYES_READS}")
+    frames, patches, hidden = states.shape
+    grid = math.isqrt(patches)
+    views = (states.reshape(frames, grid // 2, 2, grid // 2, 2, hidden).permute(0, 2, 4, 1, 3, 5)
+             .reshape(frames * 4, patches // 4, hidden))
+    labels = {name: value if name == "pixels" else value.repeat_interleave(4, 0)
+              for name, value in batch.items()}
+    return views, labels
+
+
 def train_eyes(run: Path, train: list[Path], val: Path, steps: int, batch: int, lr: float,
-               seed: int, save_every: int, eval_every: int, stop_at: int | None = None) -> Path:
+               seed: int, save_every: int, eval_every: int, stop_at: int | None = None,
+               read: str = "block-mean") -> Path:
     """Stage 1 up to `steps` (resuming from run/eyes.pt); `stop_at` stops early after saving,
-    as an interruption would (the schedule still spans `steps`)."""
+    as an interruption would (the schedule still spans `steps`). `read`: see `eyes_view`."""
     checkpoint, log = run / "eyes.pt", run / "eyes.jsonl"
     torch.manual_seed(seed)
     tower = build_tower()
@@ -291,6 +319,9 @@ def train_eyes(run: Path, train: list[Path], val: Path, steps: int, batch: int, 
     start = 0
     if checkpoint.is_file():
         state = torch.load(checkpoint, weights_only=True)
+        if state.get("read", "block-mean") != read:
+            raise SystemExit(f"{checkpoint} was trained with --eyes-read {state.get('read', 'block-mean')}, "
+                             f"not {read}: use a new run directory, or the same --eyes-read")
         tower.load_state_dict(state["tower"])
         heads.load_state_dict(state["heads"])
         optimizer.load_state_dict(state["optimizer"])
@@ -307,7 +338,7 @@ def train_eyes(run: Path, train: list[Path], val: Path, steps: int, batch: int, 
             group["lr"] = lr * schedule(step)
         batch_data = _frame_batch(corpus, np.random.default_rng([seed, step]), batch)
         tower.train()
-        loss, metrics = heads.losses(pooled(tower_states(tower, batch_data["pixels"])), batch_data)
+        loss, metrics = heads.losses(*eyes_view(tower_states(tower, batch_data["pixels"]), batch_data, read))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -317,13 +348,14 @@ def train_eyes(run: Path, train: list[Path], val: Path, steps: int, batch: int, 
             tower.eval()
             with torch.no_grad():
                 val_batch = _frame_batch(held_out, np.random.default_rng([seed, 2**31]), 512)
-                _, val_metrics = heads.losses(pooled(tower_states(tower, val_batch["pixels"])), val_batch)
+                states = tower_states(tower, val_batch["pixels"])
+                _, val_metrics = heads.losses(*eyes_view(states, val_batch, read))
             _log(log, {"step": done, "train": metrics, "val": val_metrics,
                        "elapsed_s": round(time.perf_counter() - began, 1)})
             tqdm.write(f"eyes step {done}: " + ", ".join(f"{k} {v:.3f}" for k, v in val_metrics.items()))
         if done % save_every == 0 or done in (steps, stop_at):
             _save(checkpoint, {"tower": tower.state_dict(), "heads": heads.state_dict(),
-                               "optimizer": optimizer.state_dict(), "step": done})
+                               "optimizer": optimizer.state_dict(), "step": done, "read": read})
         if done == stop_at:
             break
     return checkpoint
@@ -752,6 +784,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eyes-steps", type=int, default=3000)
     parser.add_argument("--eyes-batch", type=int, default=128, help="frames per step")
     parser.add_argument("--eyes-lr", type=float, default=1e-3)
+    parser.add_argument("--eyes-read", choices=EYES_READS, default="block-mean",
+                        help="what the eyes heads read: each 2x2 block's mean state, or every patch "
+                             "of a block with the block's labels")
     parser.add_argument("--align-steps", type=int, default=1000)
     parser.add_argument("--align-lr", type=float, default=1e-3)
     parser.add_argument("--caption-steps", type=int, default=3000)
@@ -775,7 +810,7 @@ def main(argv: list[str] | None = None) -> None:
     train, val = ensure_corpus(args.run / "corpus", args.train_shards)
     if args.stage in ("eyes", "all"):
         train_eyes(args.run, train, val, args.eyes_steps, args.eyes_batch, args.eyes_lr, args.seed,
-                   args.save_every * 4, args.eval_every)
+                   args.save_every * 4, args.eval_every, read=args.eyes_read)
     if args.stage in ("align", "all"):
         train_align(args.run, train, val, args.align_steps, args.eyes_batch, args.align_lr, args.seed,
                     args.eval_every)
