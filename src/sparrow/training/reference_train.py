@@ -160,8 +160,8 @@ def build_tower() -> nn.Module:
 
 
 class EyesHeads(nn.Module):
-    """Linear read-outs of the tower's last hidden states, pooled to the visual tokens' 2x2 blocks
-    (B frames, P blocks, hidden H)."""
+    """Linear read-outs of the tower's last hidden states at the visual tokens' 2x2 blocks
+    (B frames, P blocks, hidden H): each block's mean state, or one of its patches (`eyes_view`)."""
 
     def __init__(self, hidden: int):
         super().__init__()
