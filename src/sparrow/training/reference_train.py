@@ -274,13 +274,20 @@ def tower_states(tower: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
     return tower(pixels, output_hidden_states=True).hidden_states[-1]
 
 
+def block_patches(states: torch.Tensor) -> torch.Tensor:
+    """(B, G*G, H) per patch -> (B, 4, G*G/4, H): [b, k, n] is patch k (row-major within its
+    2x2 block) of block n (row-major over the grid's blocks)."""
+    batch, patches, hidden = states.shape
+    grid = math.isqrt(patches)
+    return (states.reshape(batch, grid // 2, 2, grid // 2, 2, hidden).permute(0, 2, 4, 1, 3, 5)
+            .reshape(batch, 4, patches // 4, hidden))
+
+
 def pooled(states: torch.Tensor) -> torch.Tensor:
     """(B, G*G, H) per patch -> (B, G*G/4, H): the mean of each 2x2 block, which is what
     LLaVA-OneVision's `apply_pooling` (bilinear halving of an even grid) makes of a frame's
     projected patches before the language model sees them."""
-    batch, patches, hidden = states.shape
-    grid = math.isqrt(patches)
-    return states.reshape(batch, grid // 2, 2, grid // 2, 2, hidden).mean((2, 4)).reshape(batch, -1, hidden)
+    return block_patches(states).mean(1)
 
 
 EYES_READS = ("block-mean", "every-patch")
@@ -296,13 +303,9 @@ def eyes_view(states: torch.Tensor, batch: dict, read: str) -> tuple[torch.Tenso
         return pooled(states), batch
     if read != "every-patch":
         raise ValueError(f"unknown eyes read {read!r}: one of {EYES_READS}")
-    frames, patches, hidden = states.shape
-    grid = math.isqrt(patches)
-    views = (states.reshape(frames, grid // 2, 2, grid // 2, 2, hidden).permute(0, 2, 4, 1, 3, 5)
-             .reshape(frames * 4, patches // 4, hidden))
     labels = {name: value if name == "pixels" else value.repeat_interleave(4, 0)
               for name, value in batch.items()}
-    return views, labels
+    return block_patches(states).flatten(0, 1), labels
 
 
 def train_eyes(run: Path, train: list[Path], val: Path, steps: int, batch: int, lr: float,
