@@ -225,8 +225,8 @@ def test_eyes_training_resumes_exactly(shard, tmp_path):
         torch.testing.assert_close(a["tower"][key], b["tower"][key], rtol=0, atol=0)
     logged = [json.loads(line) for line in (straight / "eyes.jsonl").read_text().splitlines()]
     assert logged[-1]["step"] == 4 and 0 <= logged[-1]["val"]["colour_acc"] <= 1
-    with pytest.raises(SystemExit, match="--eyes-read block-mean"):  # another read would not resume it
-        rt.train_eyes(resumed, [shard], shard, steps=6, read="every-patch", **kwargs)
+    with pytest.raises(SystemExit, match="--eyes-read every-patch"):  # another read would not resume it
+        rt.train_eyes(resumed, [shard], shard, steps=6, read="block-mean", **kwargs)
 
 
 def test_caption_training_resumes_exactly_and_exports_mergeable_weights(shard, tmp_path):

@@ -11,16 +11,19 @@ data as an uninterrupted one):
    appeared or changed colour, and whether an object that was on the patch has left; per frame
    the background kind and colours and the object count. Cheap (no language model), and it
    makes the tower's features state the facts linearly before the language model sees them.
-   The heads read the mean of each 2x2 block of patches and the labels are the block's (its
-   main object's): LLaVA-OneVision pools the projected patches 2x2 before the language model,
-   and eyes trained per patch (64 a frame) lost exactly what mattered there: the tower read a
-   moving patch's direction at 0.98, a linear probe on the tokens SmolLM2 received at 0.15
-   (chance 0.25), and the caption stage never learned motion (0.10 at step 1,000).
-   `--eyes-read every-patch` puts the heads on each of a block's four patches instead, each
-   labelled with its block's facts, so that every patch state carries them and the projector
-   (applied per patch, before the pooling) need not rebuild them from a mean (an experiment:
-   with the block means, a linear probe read the moving direction from the LM-input tokens at
-   0.44-0.48, from the tower's pooled states at 0.61).
+   The labels are per 2x2 block of patches (its main object's): LLaVA-OneVision pools the
+   projected patches 2x2 before the language model, and eyes trained per patch (64 a frame)
+   lost exactly what mattered there: the tower read a moving patch's direction at 0.98, a
+   linear probe on the tokens SmolLM2 received at 0.15 (chance 0.25), and the caption stage
+   never learned motion (0.10 at step 1,000). The heads read each of a block's four patches on
+   its own, every one labelled with its block's facts (`--eyes-read every-patch`, the
+   default), so that every patch state carries them and the projector (applied per patch,
+   before the pooling) need not rebuild them from a mean. `--eyes-read block-mean` reads each
+   block's mean instead; measured on the same corpus, seeds and steps, every-patch left the
+   projector's pooled tokens much closer to their word-embedding targets (align stage: squared
+   error 0.046 of the targets' power against 0.147, block region read back 0.73 against 0.33,
+   moving direction 0.58 against 0.44) and a linear probe on the tokens SmolLM2 receives read
+   the moving direction at 0.73 against 0.67 (160 held-out clips).
 1b. `align`: the projector alone (tower frozen, no language model), its pooled output (the
    visual tokens as the LM receives them) regressed onto SmolLM2's word embeddings of what is
    on each block ('small red circle', 'beige noisy'), so the
@@ -310,7 +313,7 @@ def eyes_view(states: torch.Tensor, batch: dict, read: str) -> tuple[torch.Tenso
 
 def train_eyes(run: Path, train: list[Path], val: Path, steps: int, batch: int, lr: float,
                seed: int, save_every: int, eval_every: int, stop_at: int | None = None,
-               read: str = "block-mean") -> Path:
+               read: str = "every-patch") -> Path:
     """Stage 1 up to `steps` (resuming from run/eyes.pt); `stop_at` stops early after saving,
     as an interruption would (the schedule still spans `steps`). `read`: see `eyes_view`."""
     checkpoint, log = run / "eyes.pt", run / "eyes.jsonl"
@@ -787,9 +790,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eyes-steps", type=int, default=3000)
     parser.add_argument("--eyes-batch", type=int, default=128, help="frames per step")
     parser.add_argument("--eyes-lr", type=float, default=1e-3)
-    parser.add_argument("--eyes-read", choices=EYES_READS, default="block-mean",
-                        help="what the eyes heads read: each 2x2 block's mean state, or every patch "
-                             "of a block with the block's labels")
+    parser.add_argument("--eyes-read", choices=EYES_READS, default="every-patch",
+                        help="what the eyes heads read: every patch of a 2x2 block with the block's "
+                             "labels, or each block's mean state")
     parser.add_argument("--align-steps", type=int, default=1000)
     parser.add_argument("--align-lr", type=float, default=1e-3)
     parser.add_argument("--caption-steps", type=int, default=3000)
