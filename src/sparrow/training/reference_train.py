@@ -293,7 +293,7 @@ def pooled(states: torch.Tensor) -> torch.Tensor:
     return block_patches(states).mean(1)
 
 
-EYES_READS = ("block-mean", "every-patch")
+EYES_READS = ("every-patch", "block-mean")  # the first is the default
 
 
 def eyes_view(states: torch.Tensor, batch: dict, read: str) -> tuple[torch.Tensor, dict]:
@@ -313,7 +313,7 @@ def eyes_view(states: torch.Tensor, batch: dict, read: str) -> tuple[torch.Tenso
 
 def train_eyes(run: Path, train: list[Path], val: Path, steps: int, batch: int, lr: float,
                seed: int, save_every: int, eval_every: int, stop_at: int | None = None,
-               read: str = "every-patch") -> Path:
+               read: str = EYES_READS[0]) -> Path:
     """Stage 1 up to `steps` (resuming from run/eyes.pt); `stop_at` stops early after saving,
     as an interruption would (the schedule still spans `steps`). `read`: see `eyes_view`."""
     checkpoint, log = run / "eyes.pt", run / "eyes.jsonl"
@@ -790,7 +790,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eyes-steps", type=int, default=3000)
     parser.add_argument("--eyes-batch", type=int, default=128, help="frames per step")
     parser.add_argument("--eyes-lr", type=float, default=1e-3)
-    parser.add_argument("--eyes-read", choices=EYES_READS, default="every-patch",
+    parser.add_argument("--eyes-read", choices=EYES_READS, default=EYES_READS[0],
                         help="what the eyes heads read: every patch of a 2x2 block with the block's "
                              "labels, or each block's mean state")
     parser.add_argument("--align-steps", type=int, default=1000)
