@@ -306,6 +306,61 @@ def test_long_stage_starts_from_the_caption_weights_resumes_exactly_and_is_expor
                                    a["trainable"][key].to(torch.float16))
 
 
+def test_a_sitting_continues_from_exported_weights(shard, tmp_path):
+    """Only the repository outlives a session here, so long runs go on from the exported file:
+    the new run starts at the file's step with its weights (LoRA as stored, fp16), fresh AdamW
+    moments and a re-warmed learning rate, resumes exactly within the sitting, and the next
+    export records where the optimizer started fresh."""
+    first = tmp_path / "first"
+    first.mkdir()
+    rt.train_eyes(first, [shard], shard, steps=1, batch=8, lr=1e-3, seed=0, save_every=1, eval_every=100)
+    kwargs = dict(budget=200, lr=1e-3, projector_lr=1e-3, rank=2, seed=0, save_every=1, eval_every=0)
+    rt.train_caption(first, steps=3, stop_at=1, **kwargs)
+    weights = rt.export(first, tmp_path / "sitting-1.safetensors")
+
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert rt.continue_from(weights, straight, rank=2) == "caption"
+    original, seeded = (torch.load(r / "caption.pt", weights_only=True) for r in (first, straight))
+    assert seeded["step"] == 1 and "optimizer" not in seeded
+    assert original["trainable"].keys() == seeded["trainable"].keys()
+    for key, value in original["trainable"].items():
+        expected = value.to(torch.float16).float() if "lora_" in key else value
+        torch.testing.assert_close(seeded["trainable"][key], expected, rtol=0, atol=0)
+    tower = torch.load(first / "eyes.pt", weights_only=True)["tower"]
+    for key, value in torch.load(straight / "eyes.pt", weights_only=True)["tower"].items():
+        torch.testing.assert_close(value, tower[key], rtol=0, atol=0)
+
+    rt.train_caption(straight, steps=3, **kwargs)
+    rt.continue_from(weights, resumed, rank=2)
+    rt.train_caption(resumed, steps=3, stop_at=2, **kwargs)  # interrupted within the sitting
+    assert rt.continue_from(weights, resumed, rank=2) == "caption"  # seeded already: left alone
+    rt.train_caption(resumed, steps=3, **kwargs)
+    a, b = (torch.load(r / "caption.pt", weights_only=True) for r in (straight, resumed))
+    assert a["step"] == b["step"] == 3 and a["fresh_optimizer_at"] == b["fresh_optimizer_at"] == [0, 1]
+    for key in a["trainable"]:
+        torch.testing.assert_close(a["trainable"][key], b["trainable"][key], rtol=0, atol=0)
+    assert any(not torch.equal(a["trainable"][k], seeded["trainable"][k]) for k in a["trainable"])
+    logged = [json.loads(line) for line in (straight / "caption.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged] == [2, 3]
+    for record in logged:  # step s (1-based) is schedule step s - 1, re-warmed from step 1
+        step = record["step"] - 1
+        expected = 1e-3 * rt.lr_scale(step, 3, 50) * min(1.0, (step - 1 + 1) / rt.REWARM_STEPS)
+        assert record["lr"] == pytest.approx(expected)
+
+    from safetensors import safe_open
+
+    with safe_open(str(rt.export(straight, tmp_path / "sitting-2.safetensors")), "pt") as file:
+        assert file.metadata()["caption_steps"] == "3"
+        assert file.metadata()["caption_fresh_optimizer_at"] == "0,1"
+    with pytest.raises(SystemExit, match="--rank 4"):
+        rt.continue_from(weights, tmp_path / "other", rank=4)
+    with pytest.raises(SystemExit, match="no such file"):
+        rt.continue_from(tmp_path / "missing.safetensors", tmp_path / "other", rank=2)
+    with pytest.raises(SystemExit, match="not an eyes stage"):
+        rt.train_eyes(straight, [shard], shard, steps=2, batch=8, lr=1e-3, seed=0, save_every=1,
+                      eval_every=100)
+
+
 def test_missing_weights_say_how_to_make_them(tmp_path):
     from sparrow.errors import CheckpointError
 

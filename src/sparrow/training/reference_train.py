@@ -47,6 +47,15 @@ data as an uninterrupted one):
    language-model stage that ran to one safetensors file, which `sparrow.reference` merges
    into SmolLM2 at assembly.
 
+Sittings: `--continue-from WEIGHTS` starts a run directory from an exported weights file
+instead of from the eyes stage: the tower, projector, newline and LoRA factors (fp16 in the
+file) are the file's, the language-model stage goes on at the step the file records, with fresh
+AdamW moments re-warmed over `REWARM_STEPS` steps (the batches are those of an uninterrupted
+run: they depend on (seed, step) only). The machines this project trains on are fresh every
+session and only the repository carries over, so a run of many hours is trained in sittings,
+each continuing from the previous sitting's shipped file; the file records the steps at which
+its optimizer started fresh (`caption_fresh_optimizer_at`), which is the whole recipe.
+
 Seeds: training videos use seeds [0, 10**6); validation and `sparrow eval-target` use seeds
 from `EVAL_SEED_START` up, never trained on.
 """
@@ -85,6 +94,7 @@ EVAL_FRAMES = ((16, 8), (64, 4))  # (frames, videos) of the held-out check durin
 LONG_FRAMES = {8: 1, 32: 1, 96: 1, 128: 2, 192: 2, 256: 2, 384: 2}
 LONG_EVAL_FRAMES = ((16, 8), (64, 4), (384, 2))
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+REWARM_STEPS = 20  # learning-rate re-warm-up after a sitting starts with fresh AdamW moments
 
 
 # ---------------------------------------------------------------------------------------------
@@ -325,6 +335,10 @@ def train_eyes(run: Path, train: list[Path], val: Path, steps: int, batch: int, 
     start = 0
     if checkpoint.is_file():
         state = torch.load(checkpoint, weights_only=True)
+        if "heads" not in state:
+            raise SystemExit(f"{checkpoint} holds the tower of {state.get('continued_from')} "
+                             "(--continue-from), not an eyes stage to resume: use a new run directory "
+                             "for the eyes stage")
         if state.get("read", "block-mean") != read:
             raise SystemExit(f"{checkpoint} was trained with --eyes-read {state.get('read', 'block-mean')}, "
                              f"not {read}: use a new run directory, or the same --eyes-read")
@@ -697,9 +711,16 @@ def train_caption(run: Path, steps: int, budget: int, lr: float,
         if missing:
             raise SystemExit(f"{checkpoint} lacks {len(missing)} trainable tensors (another --rank?)")
         model.load_state_dict(state["trainable"], strict=False)
-        optimizer.load_state_dict(state["optimizer"])
         start = state["step"]
-        print(f"resuming {stage} at step {start}/{steps}", flush=True)
+        fresh = list(state.get("fresh_optimizer_at", [0]))
+        if "optimizer" in state:
+            optimizer.load_state_dict(state["optimizer"])
+            print(f"resuming {stage} at step {start}/{steps}", flush=True)
+        else:  # a sitting continued from exported weights (`continue_from`)
+            fresh = fresh if fresh[-1] == start else [*fresh, start]
+            print(f"continuing {stage} at step {start}/{steps} with a fresh optimizer", flush=True)
+    else:
+        fresh = [0]
     if start >= steps:
         return checkpoint
     resize = _resize_fn()
@@ -709,6 +730,8 @@ def train_caption(run: Path, steps: int, budget: int, lr: float,
     began = time.perf_counter()
     for step in tqdm(range(start, steps), initial=start, total=steps, desc=stage, unit="step"):
         scale = lr_scale(step, steps, warmup)
+        if fresh[-1] > 0:  # fresh moments mid-stage: re-warm, as at the start
+            scale *= min(1.0, (step - fresh[-1] + 1) / REWARM_STEPS)
         for group, rate in zip(optimizer.param_groups, base, strict=True):
             group["lr"] = rate * scale
         batch_data = _caption_batch(tokenizer, model.config, resize, scratch, seed, step, budget, per_frame,
@@ -721,14 +744,15 @@ def train_caption(run: Path, steps: int, budget: int, lr: float,
         torch.nn.utils.clip_grad_norm_(list(trainable.values()), 1.0)
         optimizer.step()
         done = step + 1
-        _log(log, {"step": done, "loss": round(loss.item(), 4),
+        _log(log, {"step": done, "loss": round(loss.item(), 4), "lr": optimizer.param_groups[0]["lr"],
                    "frames": batch_data["pixel_values_videos"].shape[1],
                    "conversations": batch_data["input_ids"].shape[0],
                    "tokens": int(batch_data["attention_mask"].sum()),
                    "elapsed_s": round(time.perf_counter() - began, 1)})
         if done % save_every == 0 or done in (steps, stop_at):
             _save(checkpoint, {"trainable": {n: p.detach().clone() for n, p in trainable.items()},
-                               "optimizer": optimizer.state_dict(), "step": done, "rank": rank})
+                               "optimizer": optimizer.state_dict(), "step": done, "rank": rank,
+                               "fresh_optimizer_at": fresh})
         if eval_every and (done % eval_every == 0 or done == steps):
             model.eval()
             scores = {}
@@ -771,6 +795,8 @@ def export(run: Path, out: Path) -> Path:
     rank = caption["rank"]
     metadata = {"lora_rank": str(rank), "lora_alpha": str(2 * rank),
                 **{f"{stage}_steps": str(state["step"]) for stage, state in stages.items()},
+                **{f"{stage}_fresh_optimizer_at": ",".join(map(str, state.get("fresh_optimizer_at", [0])))
+                   for stage, state in stages.items()},
                 "tower": json.dumps(reference.TOWER), "rope_scaling": json.dumps(reference.ROPE_SCALING),
                 "processor": json.dumps(reference.PROCESSOR_CONFIG)}
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -778,6 +804,57 @@ def export(run: Path, out: Path) -> Path:
     save_file(tensors, str(partial), metadata=metadata)
     os.replace(partial, out)
     return out
+
+
+def continue_from(weights: Path, run: Path, rank: int) -> str:
+    """Seed `run` from an exported weights file so that the last language-model stage it
+    records goes on from there (see "Sittings" above): run/eyes.pt gets the file's tower, and
+    run/<stage>.pt its trainable tensors and step, without optimizer state. Returns the stage.
+    A run directory already seeded (or trained) is left alone: rerunning resumes it."""
+    from safetensors import safe_open
+
+    if not weights.is_file():
+        raise SystemExit(f"--continue-from {weights}: no such file (an exported weights file, e.g. "
+                         f"{reference.WEIGHTS_FILE})")
+    with safe_open(str(weights), "pt") as f:
+        metadata = f.metadata() or {}
+        tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118
+    stage = "long" if "long_steps" in metadata else "caption"
+    if f"{stage}_steps" not in metadata:
+        raise SystemExit(f"--continue-from {weights}: the file records no caption step; it was not "
+                         "written by this script's export")
+    setup = reference.weights_setup(weights)
+    if setup != (reference.TOWER, reference.ROPE_SCALING, reference.PROCESSOR_CONFIG):
+        raise SystemExit(f"--continue-from {weights}: it was trained for another tower, positions or "
+                         f"processor ({setup}) than this script trains ({reference.TOWER}); start a run "
+                         "from the eyes stage instead")
+    if int(metadata.get("lora_rank", rank)) != rank:
+        raise SystemExit(f"--continue-from {weights}: LoRA rank {metadata['lora_rank']}, not --rank {rank}")
+    if (run / f"{stage}.pt").is_file():
+        return stage
+    run.mkdir(parents=True, exist_ok=True)
+    prefix = "model.vision_tower."
+    _save(run / "eyes.pt", {"tower": {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)},
+                            "continued_from": str(weights)})
+    model, _ = build_caption_model(run / "eyes.pt", rank)
+    trainable = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        key = name
+        if "lora_" in name:  # "...q_proj.lora_A.default.weight" -> "...q_proj.lora_A" (as `export`)
+            layer, _, rest = name.partition(".lora_")
+            key = f"{layer}.lora_{rest[0]}"
+        if key not in tensors:
+            raise SystemExit(f"--continue-from {weights}: it lacks {key}")
+        trainable[name] = tensors[key].to(param.dtype).reshape(param.shape).clone()
+    fresh = [int(s) for s in metadata.get(f"{stage}_fresh_optimizer_at", "0").split(",")]
+    _save(run / f"{stage}.pt", {"trainable": trainable, "step": int(metadata[f"{stage}_steps"]),
+                                "rank": rank, "fresh_optimizer_at": fresh})
+    if stage == "long":  # the long stage starts from caption.pt only when long.pt is missing
+        _save(run / "caption.pt", {"trainable": trainable, "step": int(metadata["caption_steps"]),
+                                   "rank": rank, "fresh_optimizer_at": [0]})
+    return stage
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -810,14 +887,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--out", type=Path, default=reference.WEIGHTS_FILE,
                         help="where export writes the shipped weights")
+    parser.add_argument("--continue-from", type=Path, metavar="WEIGHTS",
+                        help="start the run directory from an exported weights file (e.g. the shipped "
+                             "one) and go on with its last language-model stage: no eyes / align stages")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     args.run.mkdir(parents=True, exist_ok=True)
-    train, val = ensure_corpus(args.run / "corpus", args.train_shards)
-    if args.stage in ("eyes", "all"):
+    if args.continue_from:
+        if args.stage in ("corpus", "eyes", "align"):
+            raise SystemExit("--continue-from starts after the eyes and align stages, "
+                             f"not at --stage {args.stage}")
+        print(f"{args.run}: continuing the {continue_from(args.continue_from, args.run, args.rank)} stage "
+              f"of {args.continue_from}", flush=True)
+    elif args.stage in ("corpus", "eyes", "align", "all"):
+        train, val = ensure_corpus(args.run / "corpus", args.train_shards)
+    if args.stage in ("eyes", "all") and not args.continue_from:
         train_eyes(args.run, train, val, args.eyes_steps, args.eyes_batch, args.eyes_lr, args.seed,
                    args.save_every * 4, args.eval_every, read=args.eyes_read)
-    if args.stage in ("align", "all"):
+    if args.stage in ("align", "all") and not args.continue_from:
         train_align(args.run, train, val, args.align_steps, args.eyes_batch, args.align_lr, args.seed,
                     args.eval_every)
     if args.stage in ("caption", "all"):
