@@ -420,6 +420,17 @@ def test_align_stage_brings_visual_tokens_towards_the_words_and_seeds_the_captio
         torch.testing.assert_close(model.model.multi_modal_projector.state_dict()[name], value)
 
 
+def test_language_model_stages_use_bf16_only_where_the_cpu_has_it():
+    a = torch.ones(4, 4)
+    with rt.autocast(native_bf16=True):
+        assert (a @ a).dtype == torch.bfloat16
+    with rt.autocast(native_bf16=False):
+        assert (a @ a).dtype == torch.float32
+    with rt.autocast():  # this machine's answer
+        expected = torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
+        assert (a @ a).dtype == expected
+
+
 def test_language_model_stages_warm_up_hold_then_decay_over_the_last_third():
     scales = [rt.lr_scale(step, 300, 10) for step in range(300)]
     assert scales[0] == pytest.approx(0.1) and scales[9] == 1.0

@@ -36,7 +36,7 @@ data as an uninterrupted one):
    inference): detailed descriptions in the reference styles or question/answer turns, loss on
    the assistant tokens, about `--caption-tokens` tokens per step.
    Trained: the projector, the image newline, and LoRA adapters on SmolLM2's linear layers
-   (the tower stays as stage 1 left it). bf16 autocast on CPU (2.1x fp32 GEMM throughput here).
+   (the tower stays as stage 1 left it). bf16 autocast where the CPU has it (`autocast`).
 2b. `long`: the caption stage continued (from its final weights, lower learning rates) on
    long clips, 96 to 384 frames (`LONG_FRAMES`: up to ~6,150 visual tokens) with some short
    ones mixed in. Trained only to 64 frames, the model answered videos of 383 frames (6,129
@@ -63,6 +63,7 @@ from `EVAL_SEED_START` up, never trained on.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -656,7 +657,7 @@ def describe_score(model, tokenizer, facts_list, frames: np.ndarray, max_new_tok
                                              {"type": "text", "text": data.DESCRIBE_PROMPTS[0]}]}]
     ids = render_chat(tokenizer, config, messages, video)
     for facts, clip in zip(facts_list, frames, strict=True):
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.no_grad(), autocast():
             out = model.generate(input_ids=ids, pixel_values_videos=data.video_pixels(clip[None]),
                                  max_new_tokens=max_new_tokens, do_sample=False)
         text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
@@ -668,6 +669,16 @@ def describe_score(model, tokenizer, facts_list, frames: np.ndarray, max_new_tok
             tally[0], tally[1] = tally[0] + correct, tally[1] + total
     by_kind = {k: round(c / t, 3) for k, (c, t) in sorted(kinds.items()) if t}
     return {"score": float(np.mean(scores)), "by_kind": by_kind, "samples": samples}
+
+
+def autocast(native_bf16: bool | None = None):
+    """The language-model stages' precision: bf16 autocast where oneDNN computes bf16 (AVX-512
+    and up: 2.1x the fp32 GEMM rate measured on an AVX-512-bf16 EPYC), fp32 elsewhere (on an
+    AVX2-only EPYC a bf16 GEMM ran at 1.2 GFLOP/s against 119 in fp32, 2 threads). The machines
+    here vary by session, so a run may mix both (the model card says which sittings ran how)."""
+    if native_bf16 is None:
+        native_bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return torch.autocast("cpu", dtype=torch.bfloat16) if native_bf16 else contextlib.nullcontext()
 
 
 def lr_scale(step: int, steps: int, warmup: int) -> float:
@@ -737,7 +748,7 @@ def train_caption(run: Path, steps: int, budget: int, lr: float,
         batch_data = _caption_batch(tokenizer, model.config, resize, scratch, seed, step, budget, per_frame,
                                     frames, stage)
         model.train()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with autocast():
             loss = caption_loss(model, batch_data)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
