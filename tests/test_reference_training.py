@@ -341,6 +341,11 @@ def test_a_sitting_continues_from_exported_weights(shard, tmp_path):
         torch.testing.assert_close(a["trainable"][key], b["trainable"][key], rtol=0, atol=0)
     assert any(not torch.equal(a["trainable"][k], seeded["trainable"][k]) for k in a["trainable"])
     logged = [json.loads(line) for line in (straight / "caption.jsonl").read_text().splitlines()]
+    precision = "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
+    assert logged[0] == {"step": 1, "start": {"cpu": torch.backends.cpu.get_cpu_capability(), "threads":
+                                              torch.get_num_threads(), "precision": precision,
+                                              "fresh_optimizer_at": [0, 1]}}
+    logged = logged[1:]
     assert [r["step"] for r in logged] == [2, 3]
     for record in logged:  # step s (1-based) is schedule step s - 1, re-warmed from step 1
         step = record["step"] - 1

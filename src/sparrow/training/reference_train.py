@@ -53,8 +53,10 @@ file) are the file's, the language-model stage goes on at the step the file reco
 AdamW moments re-warmed over `REWARM_STEPS` steps (the batches are those of an uninterrupted
 run: they depend on (seed, step) only). The machines this project trains on are fresh every
 session and only the repository carries over, so a run of many hours is trained in sittings,
-each continuing from the previous sitting's shipped file; the file records the steps at which
-its optimizer started fresh (`caption_fresh_optimizer_at`), which is the whole recipe.
+each continuing from the previous sitting's export (kept in the repository's checkpoints/);
+the file records the steps at which its optimizer started fresh (`caption_fresh_optimizer_at`),
+which with the defaults is the whole recipe, and each start of a language-model stage logs the
+CPU capability and precision it trains with (the machines differ: `autocast`).
 
 Seeds: training videos use seeds [0, 10**6); validation and `sparrow eval-target` use seeds
 from `EVAL_SEED_START` up, never trained on.
@@ -734,6 +736,10 @@ def train_caption(run: Path, steps: int, budget: int, lr: float,
         fresh = [0]
     if start >= steps:
         return checkpoint
+    precision = "bf16" if isinstance(autocast(), torch.autocast) else "fp32"
+    _log(log, {"step": start, "start": {"cpu": torch.backends.cpu.get_cpu_capability(),
+                                        "threads": torch.get_num_threads(), "precision": precision,
+                                        "fresh_optimizer_at": fresh}})
     resize = _resize_fn()
     scratch = Path(tempfile.mkdtemp(prefix="sparrow-caption-"))
     side = reference.TOWER["image_size"]
