@@ -10,7 +10,9 @@ feature flags, so a shared home never hands a library to a machine it was not bu
 library links the OpenMP runtime torch has already loaded, so its threads are torch's.
 
 Without a compiler (or with SPARROW_NATIVE=0) nothing is built and callers fall back to
-torch's kernels: both functions return None.
+torch's kernels: the functions return None. `tree_attention` and `linear` are vectorized for
+AVX-512 only (`available`); on other CPUs (e.g. AVX2-only) they return None as well, and
+`decode_attention` runs its portable C path.
 
 What is left of a CPU decode step besides these kernels is the model's own eager Python and
 small ops (~4-5 ms of ~14.5 ms for the 122M benchmark target at 2k cached tokens). Compiling
@@ -100,7 +102,15 @@ def library() -> ctypes.CDLL | None:
     lib.tree_attention_available.restype = ctypes.c_int
     lib.linear_row.argtypes = [ptr, ptr, i64, ptr, ptr, i64, i64, ctypes.c_int]
     lib.linear_row.restype = None
+    lib.linear_row_available.restype = ctypes.c_int
     return lib
+
+
+def available(kernel: str) -> bool:
+    """Whether `kernel` ("tree_attention" or "linear_row") is built and vectorized for this CPU
+    (AVX-512); where not, its function returns None and callers keep torch's kernels."""
+    lib = library()
+    return lib is not None and bool(getattr(lib, f"{kernel}_available")())
 
 
 def _applies(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
@@ -160,9 +170,9 @@ def tree_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     if (dim % 8 or visible.shape[0] != q_len or masked > length
             or heads // key.shape[1] * q_len > MAX_TREE_ROWS or not _applies(query, key, value)):
         return None
-    lib = library()
-    if lib is None or not lib.tree_attention_available():
+    if not available("tree_attention"):
         return None
+    lib = library()
     rows = heads // kv_heads * q_len
     q = query.reshape(kv_heads, rows, dim).contiguous()  # row g * q + i: head g, token i
     mask = visible.to(device="cpu", dtype=torch.uint8).contiguous()
@@ -180,7 +190,7 @@ def tree_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
     """`F.linear(x, weight, bias)` for x holding one row (shape (..., in) with one row in all);
     None where the kernel does not apply (fp32 CPU tensors without autograd, weight rows
-    contiguous, x and bias contiguous)."""
+    contiguous, x and bias contiguous) or is not built for this CPU (`available`)."""
     out_features, in_features = weight.shape
     if (x.shape[-1] != in_features or x.numel() != in_features or x.device.type != "cpu"
             or weight.device.type != "cpu" or x.dtype != torch.float32
@@ -189,11 +199,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
             or torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                             or bias is not None and bias.requires_grad)):
         return None
-    lib = library()
-    if lib is None:
+    if not available("linear_row"):
         return None
     y = torch.empty(*x.shape[:-1], out_features, dtype=torch.float32)
-    _call("linear", lib.linear_row, (x.data_ptr(), weight.data_ptr(), weight.stride(0),
+    _call("linear", library().linear_row, (x.data_ptr(), weight.data_ptr(), weight.stride(0),
                                      None if bias is None else bias.data_ptr(), y.data_ptr(),
                                      out_features, in_features, torch.get_num_threads()))
     return y
