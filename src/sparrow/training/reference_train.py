@@ -792,6 +792,15 @@ def train_caption(run: Path, steps: int, budget: int, lr: float,
 # ---------------------------------------------------------------------------------------------
 
 
+def shipped_name(name: str) -> str:
+    """A trainable tensor's name in the shipped file: peft's LoRA factors lose their adapter
+    suffix ("...q_proj.lora_A.default.weight" -> "...q_proj.lora_A"); the rest keep theirs."""
+    if "lora_" not in name:
+        return name
+    layer, _, rest = name.partition(".lora_")
+    return f"{layer}.lora_{rest[0]}"
+
+
 def export(run: Path, out: Path) -> Path:
     """The shipped weights: tower, projector, newline (fp32) and LoRA factors (fp16) + metadata."""
     from safetensors.torch import save_file
@@ -802,13 +811,8 @@ def export(run: Path, out: Path) -> Path:
     caption = stages.get("long") or stages["caption"]  # the last language-model stage that ran
     tensors = {f"model.vision_tower.{k}": v.float().contiguous() for k, v in eyes.items()}
     for name, value in caption["trainable"].items():
-        if "lora_" in name:
-            # "model.language_model.layers.0.self_attn.q_proj.lora_A.default.weight" ->
-            # "model.language_model.layers.0.self_attn.q_proj.lora_A"
-            layer, _, rest = name.partition(".lora_")
-            tensors[f"{layer}.lora_{rest[0]}"] = value.to(torch.float16).contiguous()
-        else:
-            tensors[name] = value.float().contiguous()
+        dtype = torch.float16 if "lora_" in name else torch.float32
+        tensors[shipped_name(name)] = value.to(dtype).contiguous()
     rank = caption["rank"]
     metadata = {"lora_rank": str(rank), "lora_alpha": str(2 * rank),
                 **{f"{stage}_steps": str(state["step"]) for stage, state in stages.items()},
@@ -858,10 +862,7 @@ def continue_from(weights: Path, run: Path, rank: int) -> str:
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        key = name
-        if "lora_" in name:  # "...q_proj.lora_A.default.weight" -> "...q_proj.lora_A" (as `export`)
-            layer, _, rest = name.partition(".lora_")
-            key = f"{layer}.lora_{rest[0]}"
+        key = shipped_name(name)
         if key not in tensors:
             raise SystemExit(f"--continue-from {weights}: it lacks {key}")
         trainable[name] = tensors[key].to(param.dtype).reshape(param.shape).clone()
