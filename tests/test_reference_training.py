@@ -442,3 +442,32 @@ def test_language_model_stages_warm_up_hold_then_decay_over_the_last_third():
     assert set(scales[9:200]) == {1.0}  # constant until two thirds of the steps
     assert all(a > b for a, b in zip(scales[200:], scales[201:], strict=False))
     assert scales[-1] == pytest.approx(0.1, abs=1e-3)
+
+
+def test_caption_loss_of_a_padded_batch_is_that_of_its_conversations_alone(shard, tmp_path):
+    """caption_loss leaves out the padding mask (right padding, causal attention): the batch's
+    loss must still be the label-weighted mean of each conversation's loss computed unpadded."""
+    import torch.nn.functional as F
+
+    rt.train_eyes(tmp_path, [shard], shard, steps=1, batch=8, lr=1e-3, seed=0, save_every=1, eval_every=100)
+    model, tokenizer = rt.build_caption_model(tmp_path / "eyes.pt", rank=2)
+    for name, param in model.named_parameters():  # LoRA B starts at zero: make the adapters act
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.02, generator=torch.Generator().manual_seed(0))
+    batch = rt._caption_batch(tokenizer, model.config, rt._resize_fn(), tmp_path, seed=0, step=0,
+                              budget=900, per_frame=16, frames={4: 1})
+    lengths = batch["attention_mask"].sum(dim=1)
+    assert len(set(lengths.tolist())) > 1  # rows of different lengths: some are padded
+    model.eval()
+    with torch.no_grad():
+        padded = rt.caption_loss(model, batch)
+        total, count = 0.0, 0
+        for row, length in enumerate(lengths.tolist()):
+            ids = batch["input_ids"][row:row + 1, :length]
+            pixels = batch["pixel_values_videos"][row:row + 1]
+            hidden = model.model(input_ids=ids, pixel_values_videos=pixels).last_hidden_state
+            predict = batch["labels"][row:row + 1, 1:length]
+            logits = model.lm_head(hidden[:, :-1][predict])
+            total += float(F.cross_entropy(logits.float(), ids[:, 1:][predict], reduction="sum"))
+            count += int(predict.sum())
+    assert padded.item() == pytest.approx(total / count, rel=1e-5)

@@ -618,8 +618,14 @@ def _caption_batch(tokenizer, model_config, resize, scratch: Path, seed: int, st
 
 
 def caption_loss(model, batch: dict) -> torch.Tensor:
-    """Next-token cross entropy on the label positions only (the lm_head runs on those alone)."""
-    hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+    """Next-token cross entropy on the label positions only (the lm_head runs on those alone).
+
+    The rows are right-padded and attention is causal, so no real token can see a pad: the
+    padding mask is left out, which changes no label's loss (tested) and lets SDPA take its
+    causal path, skipping the masked half of every score matrix (with the mask it computes all
+    of it); on a 3 x 687-token batch a step took 13.6-14.4 s instead of 16.2-16.6 s, fp32, 2
+    threads of an AVX2 EPYC."""
+    hidden = model.model(input_ids=batch["input_ids"],
                          pixel_values_videos=batch["pixel_values_videos"]).last_hidden_state  # (B, L, D)
     predict = batch["labels"][:, 1:]  # (B, L-1): token i+1 is a label -> predict it from i
     logits = model.lm_head(hidden[:, :-1][predict])  # (N, V)
