@@ -46,7 +46,8 @@ def test_packed_forward_equals_f_linear(shape):
 @pytest.mark.parametrize("bias", [True, False])
 def test_native_row_kernel_equals_f_linear(out_features, in_features, bias):
     if not native.available("linear_row"):
-        pytest.skip("no C compiler or no AVX-512: the row kernel is not used here (see the next test)")
+        pytest.skip("no C compiler or neither AVX-512 nor AVX2: the row kernel is not used here "
+                    "(see the next test)")
     g = torch.Generator().manual_seed(out_features + in_features)
     storage = torch.randn(out_features, in_features + 3, generator=g)
     weight = storage[:, :in_features]  # rows of a larger buffer: a row stride > in_features
@@ -55,9 +56,9 @@ def test_native_row_kernel_equals_f_linear(out_features, in_features, bias):
     out = native.linear(x, weight, b)
     assert out.shape == (1, 1, out_features)
     exact = F.linear(x.double(), weight.double(), None if b is None else b.double())
-    torch.testing.assert_close(out.double(), exact, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.double(), exact, rtol=1e-4, atol=1e-4)  # fp32 sums of up to 2,048 terms
     torch_error = (F.linear(x, weight, b).double() - exact).abs().max()
-    assert (out.double() - exact).abs().max() <= 2 * torch_error + 1e-6
+    assert (out.double() - exact).abs().max() <= 2 * torch_error + 1e-6  # as exact as torch's kernels
 
 
 def test_native_row_kernel_declines_what_it_does_not_handle():
@@ -66,7 +67,7 @@ def test_native_row_kernel_declines_what_it_does_not_handle():
     assert native.linear(x.double(), weight.double(), None) is None
     assert native.linear(x, weight.t().contiguous().t(), None) is None  # columns not contiguous
     assert native.linear(x, weight.requires_grad_(), None) is None  # autograd
-    if not native.available("linear_row"):  # no compiler, or a CPU without AVX-512: torch's kernels
+    if not native.available("linear_row"):  # no compiler, or neither AVX-512 nor AVX2: torch's kernels
         assert native.linear(x, weight.detach(), None) is None
 
 

@@ -10,9 +10,12 @@ feature flags, so a shared home never hands a library to a machine it was not bu
 library links the OpenMP runtime torch has already loaded, so its threads are torch's.
 
 Without a compiler (or with SPARROW_NATIVE=0) nothing is built and callers fall back to
-torch's kernels: the functions return None. `tree_attention` and `linear` are vectorized for
-AVX-512 only (`available`); on other CPUs (e.g. AVX2-only) they return None as well, and
-`decode_attention` runs its portable C path.
+torch's kernels: the functions return None. Each kernel is also built only where it beats
+torch's (`available`): the attention kernels with AVX-512, the row kernel with AVX-512 or AVX2.
+On an AVX2-only EPYC the portable C decode path this module had before ran 2.4-4.5x slower
+than SDPA and AVX2 builds of the attention kernels were no faster than SDPA (the numbers are
+in `kernels/attention.c`), so there attention stays with SDPA; the row kernel's AVX2 pass
+streams 1.2-1.9x faster than oneDNN's (`kernels/linear.c`).
 
 What is left of a CPU decode step besides these kernels is the model's own eager Python and
 small ops (~4-5 ms of ~14.5 ms for the 122M benchmark target at 2k cached tokens). Compiling
@@ -96,6 +99,7 @@ def library() -> ctypes.CDLL | None:
     lib.decode_attention.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, i64,
                                      i64, ctypes.c_float, i64, ctypes.c_int]
     lib.decode_attention.restype = ctypes.c_int
+    lib.decode_attention_available.restype = ctypes.c_int
     lib.tree_attention.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64,
                                    i64, i64, i64, i64, i64, ctypes.c_float, i64, ctypes.c_int]
     lib.tree_attention.restype = ctypes.c_int
@@ -107,8 +111,9 @@ def library() -> ctypes.CDLL | None:
 
 
 def available(kernel: str) -> bool:
-    """Whether `kernel` ("tree_attention" or "linear_row") is built and vectorized for this CPU
-    (AVX-512); where not, its function returns None and callers keep torch's kernels."""
+    """Whether `kernel` ("decode_attention", "tree_attention" or "linear_row") is built for this
+    CPU (AVX-512 for the attention kernels, AVX-512 or AVX2 for the row kernel); where not, its
+    function returns None and callers keep torch's kernels."""
     lib = library()
     return lib is not None and bool(getattr(lib, f"{kernel}_available")())
 
@@ -138,11 +143,9 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     """
     _, heads, q_len, dim = query.shape
     kv_heads, length = key.shape[1], key.shape[2]
-    if q_len != 1 or not _applies(query, key, value):
+    if q_len != 1 or not _applies(query, key, value) or not available("decode_attention"):
         return None
     lib = library()
-    if lib is None:
-        return None
     q = query.reshape(heads, dim).contiguous()
     out = torch.empty(heads, dim, dtype=torch.float32)
     threads = torch.get_num_threads()

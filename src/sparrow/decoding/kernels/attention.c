@@ -13,7 +13,13 @@
  * Layout: q and out (kv_heads, groups, dim) contiguous; k and v rows of `dim` contiguous floats,
  * row r of head h at base + h * head_stride + r * row_stride (a view of a preallocated cache).
  * fp32 throughout; differs from SDPA by summation order and exp rounding (~1e-7 relative).
- */
+ *
+ * AVX-512 only (`decode_attention_available`, `tree_attention_available`; elsewhere both return
+ * -1 and the caller keeps SDPA). Measured on an AVX2-only EPYC (2 threads, 12 query / 2 KV
+ * heads of 64, 2026-11-26): the portable C path this file had for such CPUs ran a decode step's
+ * attention 2.4-4.5x slower than SDPA (0.73 vs 0.18 ms at 2k keys, 16.7 vs 6.9 at 25k), and an
+ * 8-lane AVX2 build of these same kernels (`vector.h`'s operations, 4 x 3 register blocks) was
+ * still no faster than SDPA: decode 0.68-0.91x, tree verify 0.94-1.06x from 8k to 25k keys. */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -23,29 +29,12 @@
 
 #define MAX_GROUPS 64
 
-/* exp(x) for x <= 0 (scores minus their maximum), vectorizable: libm's expf is a scalar call
+#if defined(__AVX512F__)
+/* exp(x) for x <= 0 (scores minus their maximum), on 16 lanes: libm's expf is a scalar call
  * (~20 ns; 150k of them per layer at a 25k cache made the first version of this kernel slower
  * than SDPA). Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, exp(r) by a degree-6 polynomial,
  * 2^n through the exponent bits; within ~2 ulp of expf. Inputs below -87 (masked keys: -inf)
  * give 0, as expf's result there is below 2^-125 (a denormal) or zero. */
-static inline float exp_nonpositive(float input) {
-    float x = input < -87.0f ? -87.0f : input;
-    float n = floorf(x * 1.44269504088896341f + 0.5f);
-    float r = x - n * 0.693359375f + n * 2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
-    union { int32_t i; float f; } scale = {.i = ((int32_t)n + 127) << 23};
-    return input < -87.0f ? 0.0f : p * scale.f;
-}
-
-#if defined(__AVX512F__)
-/* exp_nonpositive on 16 lanes (the same steps; vectorizing the scalar function inside a loop
- * over 16 * RV rows was left to the compiler at first, and it did not). */
 static inline __m512 exp_nonpositive16(__m512 input) {
     __m512 x = _mm512_max_ps(input, _mm512_set1_ps(-87.0f));
     __m512 n = _mm512_roundscale_ps(
@@ -66,13 +55,10 @@ static inline __m512 exp_nonpositive16(__m512 input) {
                                 _mm512_setzero_ps());
 }
 
-#endif
-
 /* scores[g][0..n) <- exp(score - maxima[g]); sums[g] <- their sum. */
 static void exponentiate(float *scores, int64_t n, int64_t groups, const float *maxima, float *sums) {
     for (int64_t g = 0; g < groups; g++) {
         float *row = scores + g * n;
-#if defined(__AVX512F__)
         /* explicit vectors: left to the compiler (omp simd over the scalar function) this loop
          * ran scalar and cost a third of the decode kernel's time */
         const __m512 m = _mm512_set1_ps(maxima[g]);
@@ -85,19 +71,9 @@ static void exponentiate(float *scores, int64_t n, int64_t groups, const float *
             total = _mm512_add_ps(total, e);
         }
         sums[g] = _mm512_reduce_add_ps(total);
-#else
-        float total = 0.0f, m = maxima[g];
-#pragma omp simd reduction(+ : total)
-        for (int64_t t = 0; t < n; t++) {
-            row[t] = exp_nonpositive(row[t] - m);
-            total += row[t];
-        }
-        sums[g] = total;
-#endif
     }
 }
 
-#if defined(__AVX512F__)
 /* `chunk` for head dim 64 and G query heads per KV head (a constant after inlining, so the
  * queries and the G x 64 accumulators live in registers): scores 16 keys at a time, each key
  * loaded once for all G queries. */
@@ -122,7 +98,7 @@ static inline __attribute__((always_inline)) void chunk64(
                               _mm512_fmadd_ps(qv[g][1], k1, _mm512_mul_ps(qv[g][0], k0))));
         }
         for (int g = 0; g < G; g++) {
-            __m512 r = _mm512_mul_ps(reduce16(part[g]), factor);
+            __m512 r = _mm512_mul_ps(vsums(part[g]), factor);
             _mm512_storeu_ps(scores + g * n + t, r);
             mx[g] = _mm512_max_ps(mx[g], r);
         }
@@ -157,7 +133,6 @@ static inline __attribute__((always_inline)) void chunk64(
     for (int g = 0; g < G; g++)
         for (int j = 0; j < 4; j++) _mm512_storeu_ps(acc + g * 64 + 16 * j, av[g][j]);
 }
-#endif
 
 /* Scores of every query of one KV head against keys [begin, end), then their exponentials
  * (minus each query's maximum) and sums, then the exponential-weighted sum of the values. */
@@ -165,7 +140,6 @@ static void chunk(const float *q, const float *k, const float *v, int64_t groups
                   int64_t begin, int64_t end, int64_t k_row, int64_t v_row, float scale,
                   float *scores, float *maxima, float *sums, float *acc) {
     int64_t n = end - begin;
-#if defined(__AVX512F__)
     if (dim == 64) {
         switch (groups) {  /* the shapes of real GQA models: 1-8 query heads per KV head */
 #define CASE(G) case G: chunk64(G, q, k, v, begin, n, k_row, v_row, scale, scores, maxima, sums, acc); return;
@@ -173,24 +147,19 @@ static void chunk(const float *q, const float *k, const float *v, int64_t groups
 #undef CASE
         }
     }
-#endif
     for (int64_t g = 0; g < groups; g++) maxima[g] = -INFINITY;
-#if defined(__AVX512F__)
     int vectorized = dim % VECTOR == 0;
-#endif
     for (int64_t t = 0; t < n; t++) {
         const float *key = k + (begin + t) * k_row;
         for (int64_t g = 0; g < groups; g++) {
             const float *query = q + g * dim;
             float s = 0.0f;
-#if defined(__AVX512F__)
             if (vectorized) {
                 __m512 sum = _mm512_setzero_ps();
                 for (int64_t d = 0; d < dim; d += VECTOR)
                     sum = _mm512_fmadd_ps(_mm512_loadu_ps(query + d), _mm512_loadu_ps(key + d), sum);
                 s = _mm512_reduce_add_ps(sum);
             } else
-#endif
                 for (int64_t d = 0; d < dim; d++) s += query[d] * key[d];
             s *= scale;
             scores[g * n + t] = s;
@@ -204,7 +173,6 @@ static void chunk(const float *q, const float *k, const float *v, int64_t groups
         for (int64_t g = 0; g < groups; g++) {
             float p = scores[g * n + t];
             float *a = acc + g * dim;
-#if defined(__AVX512F__)
             if (vectorized) {
                 __m512 weight = _mm512_set1_ps(p);
                 for (int64_t d = 0; d < dim; d += VECTOR)
@@ -212,7 +180,6 @@ static void chunk(const float *q, const float *k, const float *v, int64_t groups
                                                             _mm512_loadu_ps(a + d)));
                 continue;
             }
-#endif
             for (int64_t d = 0; d < dim; d++) a[d] += p * value[d];
         }
     }
@@ -294,7 +261,6 @@ int decode_attention(const float *q, const float *k, const float *v, float *out,
  * x 48 rows). The queries are transposed once per call (rows x dim, small). */
 #define ROW_BLOCK 48
 
-#if defined(__AVX512F__)
 static inline __attribute__((always_inline)) void scores_kernel(
     const int KB, const int RV, const float *qt, int64_t stride, const float *k, int64_t k_row,
     int64_t dim, float *st) {
@@ -386,32 +352,16 @@ static inline __attribute__((always_inline)) void tree_block(
         for (int64_t d = 0; d < dim; d++) acc[r * dim + d] = ot[d * ROW_BLOCK + r];
     }
 }
-#endif
-
-/* 1 when tree_attention has its vectorized kernels (else it returns -1 and callers use torch). */
-int tree_attention_available(void) {
-#if defined(__AVX512F__)
-    return 1;
-#else
-    return 0;
-#endif
-}
 
 /* q, out: (kv_heads, rows, dim) contiguous, rows = groups * queries, row g * queries + i being
  * query head g (of the KV head) of new token i. k, v: as for decode_attention, `length` keys.
  * visible: (queries, masked) bytes over the keys [length - masked, length): nonzero where new
- * token i sees that key. dim must be a multiple of 8. Returns 0, or -1 (bad shape, no AVX-512,
- * out of memory: the caller falls back). */
+ * token i sees that key. dim must be a multiple of 8. Returns 0, or -1 (bad shape, out of
+ * memory: the caller falls back). */
 int tree_attention(const float *q, const float *k, const float *v, const uint8_t *visible,
                    float *out, int64_t kv_heads, int64_t rows, int64_t queries, int64_t dim,
                    int64_t length, int64_t masked, int64_t k_head, int64_t k_row, int64_t v_head,
                    int64_t v_row, float scale, int64_t chunks, int threads) {
-#if !defined(__AVX512F__)
-    (void)q, (void)k, (void)v, (void)visible, (void)out, (void)kv_heads, (void)rows, (void)queries;
-    (void)dim, (void)length, (void)masked, (void)k_head, (void)k_row, (void)v_head, (void)v_row;
-    (void)scale, (void)chunks, (void)threads;
-    return -1;
-#else
     if (dim < 8 || dim % 8 || rows < 1 || queries < 1 || rows % queries || masked < 0
         || masked > length || chunks < 1 || length < 1)
         return -1;
@@ -465,5 +415,30 @@ int tree_attention(const float *q, const float *k, const float *v, const uint8_t
     free(qt);
     free(state);
     return failed ? -1 : 0;
-#endif
 }
+
+int decode_attention_available(void) { return 1; }
+int tree_attention_available(void) { return 1; }
+
+#else /* no AVX-512: the callers keep SDPA */
+int decode_attention(const float *q, const float *k, const float *v, float *out, int64_t kv_heads,
+                     int64_t groups, int64_t dim, int64_t length, int64_t k_head, int64_t k_row,
+                     int64_t v_head, int64_t v_row, float scale, int64_t chunks, int threads) {
+    (void)q, (void)k, (void)v, (void)out, (void)kv_heads, (void)groups, (void)dim, (void)length;
+    (void)k_head, (void)k_row, (void)v_head, (void)v_row, (void)scale, (void)chunks, (void)threads;
+    return -1;
+}
+
+int tree_attention(const float *q, const float *k, const float *v, const uint8_t *visible,
+                   float *out, int64_t kv_heads, int64_t rows, int64_t queries, int64_t dim,
+                   int64_t length, int64_t masked, int64_t k_head, int64_t k_row, int64_t v_head,
+                   int64_t v_row, float scale, int64_t chunks, int threads) {
+    (void)q, (void)k, (void)v, (void)visible, (void)out, (void)kv_heads, (void)rows, (void)queries;
+    (void)dim, (void)length, (void)masked, (void)k_head, (void)k_row, (void)v_head, (void)v_row;
+    (void)scale, (void)chunks, (void)threads;
+    return -1;
+}
+
+int decode_attention_available(void) { return 0; }
+int tree_attention_available(void) { return 0; }
+#endif
