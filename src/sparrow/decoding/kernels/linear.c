@@ -14,8 +14,9 @@
  * On an AVX2-only EPYC (2 threads, 2026-11-26) the 8-lane pass streamed 30-53 GB/s over the
  * benchmark target's 768 x 768, 2048 x 768 and 768 x 2048 linears, against oneDNN's packed
  * kernel at 16-29 GB/s and MKL at 21-29; lm_head (32000 x 768) 34 GB/s, oneDNN 27, MKL 14; the
- * k / v projection (128 x 768) 12 GB/s, oneDNN 3, MKL 13. Without AVX-512 or AVX2 (`linear_row_available`) the caller keeps torch's kernels: a
- * scalar pass streams far slower and, summing serially, was up to 2.4x less exact. */
+ * k / v projection (128 x 768) 12 GB/s, oneDNN 3, MKL 13. Without AVX-512 or AVX2
+ * (`linear_row_available`) the caller keeps torch's kernels: a scalar pass streams far slower
+ * and, summing serially, was up to 2.4x less exact. */
 #include <stdint.h>
 #include <stddef.h>
 
