@@ -107,6 +107,10 @@ def library() -> ctypes.CDLL | None:
     lib.linear_row.argtypes = [ptr, ptr, i64, ptr, ptr, i64, i64, ctypes.c_int]
     lib.linear_row.restype = None
     lib.linear_row_available.restype = ctypes.c_int
+    # asked once here: `available` runs on every kernel call (each linear of a decode step)
+    lib.sparrow_available = frozenset(
+        kernel for kernel in ("decode_attention", "tree_attention", "linear_row")
+        if getattr(lib, f"{kernel}_available")())
     return lib
 
 
@@ -115,7 +119,7 @@ def available(kernel: str) -> bool:
     CPU (AVX-512 for the attention kernels, AVX-512 or AVX2 for the row kernel); where not, its
     function returns None and callers keep torch's kernels."""
     lib = library()
-    return lib is not None and bool(getattr(lib, f"{kernel}_available")())
+    return lib is not None and kernel in lib.sparrow_available
 
 
 def _applies(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
