@@ -27,6 +27,12 @@ def built():
     assert native.library() is not None  # with a compiler, the build must work
 
 
+def test_a_misspelt_kernel_name_is_an_error_not_a_missing_kernel():
+    with pytest.raises(ValueError, match="unknown native kernel 'decode_atention'"):
+        native.available("decode_atention")
+    assert all(isinstance(native.available(name), bool) for name in native.KERNEL_NAMES)
+
+
 @pytest.fixture(scope="module")
 def decode_kernel(built):
     if not native.available("decode_attention"):

@@ -59,6 +59,9 @@ def _cpu_flags() -> str:
     return ""
 
 
+KERNEL_NAMES = ("decode_attention", "tree_attention", "linear_row")
+
+
 @functools.cache
 def library() -> ctypes.CDLL | None:
     """The compiled kernel library, or None (no compiler, a failed build, SPARROW_NATIVE=0)."""
@@ -109,8 +112,7 @@ def library() -> ctypes.CDLL | None:
     lib.linear_row_available.restype = ctypes.c_int
     # asked once here: `available` runs on every kernel call (each linear of a decode step)
     lib.sparrow_available = frozenset(
-        kernel for kernel in ("decode_attention", "tree_attention", "linear_row")
-        if getattr(lib, f"{kernel}_available")())
+        kernel for kernel in KERNEL_NAMES if getattr(lib, f"{kernel}_available")())
     return lib
 
 
@@ -118,6 +120,8 @@ def available(kernel: str) -> bool:
     """Whether `kernel` ("decode_attention", "tree_attention" or "linear_row") is built for this
     CPU (AVX-512 for the attention kernels, AVX-512 or AVX2 for the row kernel); where not, its
     function returns None and callers keep torch's kernels."""
+    if kernel not in KERNEL_NAMES:  # a misspelt name must not read as "not built here"
+        raise ValueError(f"unknown native kernel {kernel!r}; one of {', '.join(KERNEL_NAMES)}")
     lib = library()
     return lib is not None and kernel in lib.sparrow_available
 
