@@ -280,7 +280,7 @@ def test_long_stage_starts_from_the_caption_weights_resumes_exactly_and_is_expor
         run.mkdir()
         rt.train_eyes(run, [shard], shard, steps=1, batch=8, lr=1e-3, seed=0, save_every=1, eval_every=100)
         rt.train_caption(run, steps=1, **kwargs)
-    long = dict(kwargs, stage="long", frames={4: 1, 6: 1}, warmup=1)
+    long = dict(kwargs, stage="long", frames={4: 1, 6: 1}, warmup=1, pose_reach=3000)
     rt.train_caption(runs[0], steps=2, **dict(long, eval_every=1, eval_frames=((4, 1),)))
     rt.train_caption(runs[1], steps=2, stop_at=1, **long)
     rt.train_caption(runs[1], steps=2, **long)
@@ -294,12 +294,15 @@ def test_long_stage_starts_from_the_caption_weights_resumes_exactly_and_is_expor
     assert [r["frames"] for r in logged if "loss" in r] and all(r["frames"] in (4, 6) for r in logged
                                                               if "loss" in r)
     assert [r["step"] for r in logged if "eval_score" in r] == [1, 2]
+    with pytest.raises(SystemExit, match="position reach 3000, not 0"):  # a stage keeps its reach
+        rt.train_caption(runs[1], steps=3, **dict(long, pose_reach=0))
 
     from safetensors import safe_open
 
     weights = rt.export(runs[0], tmp_path / "eyes.safetensors")
     with safe_open(str(weights), "pt") as file:
         assert file.metadata()["caption_steps"] == "1" and file.metadata()["long_steps"] == "2"
+        assert file.metadata()["long_pose_reach"] == "3000" and "caption_pose_reach" not in file.metadata()
         key = next(k for k in a["trainable"] if "lora_B" in k)
         layer, _, rest = key.partition(".lora_")
         torch.testing.assert_close(file.get_tensor(f"{layer}.lora_{rest[0]}"),
@@ -388,6 +391,40 @@ def test_caption_batches_fill_a_token_budget_with_one_frame_count(tokenizer, tmp
     assert not list(tmp_path.iterdir())  # rendered clips are cleaned up
 
 
+def test_skip_positions_keep_order_and_pieces_and_reach_the_distances_asked_for():
+    rng = random.Random(0)
+    assert torch.equal(rt.skip_positions(50, 50, rng), torch.arange(50))  # nothing to spread
+    farthest = 0
+    for chunks in (2, 3):
+        for _ in range(200):
+            positions = rt.skip_positions(100, 1000, rng, chunks)
+            steps = positions[1:] - positions[:-1]
+            assert positions[0] == 0 and int(positions[-1]) < 1000 and (steps >= 1).all()
+            assert int((steps > 1).sum()) <= chunks - 1  # consecutive inside each piece
+            farthest = max(farthest, int(positions[-1]))
+    assert farthest > 950  # relative distances near the whole reach are trained
+
+
+def test_pose_batches_are_the_same_conversations_with_some_rows_spread(tokenizer, tmp_path):
+    config = reference.reference_config(reference.TOWER, reference.ROPE_SCALING)
+    resize = rt._resize_fn()
+    spread = plain = 0
+    for step in range(4):
+        args = (tokenizer, config, resize, tmp_path, 1, step, 900, 16, {4: 1}, "long")
+        batch, without = rt._caption_batch(*args, pose_reach=5000), rt._caption_batch(*args)
+        assert "position_ids" not in without
+        for key, value in without.items():
+            assert torch.equal(batch[key], value), key
+        for row, length in enumerate(batch["attention_mask"].sum(dim=1).tolist()):
+            positions = batch["position_ids"][row, :length]
+            if torch.equal(positions, torch.arange(length)):
+                plain += 1
+            else:
+                spread += 1
+                assert int(positions[-1]) < 5000 and (positions[1:] > positions[:-1]).all()
+    assert spread and plain  # POSE_SHARE of the rows, not all or none
+
+
 def test_align_targets_are_the_words_for_what_is_on_each_patch(tokenizer):
     embeddings = torch.randn(tokenizer.vocab_size + 20, 8)
     batch = {
@@ -444,28 +481,37 @@ def test_language_model_stages_warm_up_hold_then_decay_over_the_last_third():
     assert scales[-1] == pytest.approx(0.1, abs=1e-3)
 
 
-def test_caption_loss_of_a_padded_batch_is_that_of_its_conversations_alone(shard, tmp_path):
+@pytest.mark.parametrize("pose_reach", [0, 6000])
+def test_caption_loss_of_a_padded_batch_is_that_of_its_conversations_alone(shard, tmp_path, pose_reach,
+                                                                         monkeypatch):
     """caption_loss leaves out the padding mask (right padding, causal attention): the batch's
-    loss must still be the label-weighted mean of each conversation's loss computed unpadded."""
+    loss must still be the label-weighted mean of each conversation's loss computed unpadded,
+    also with PoSE's position ids (they must reach the language model, and pads' must not matter)."""
     import torch.nn.functional as F
 
+    monkeypatch.setattr(rt, "POSE_SHARE", 1.0)  # every row spread (with pose_reach)
     rt.train_eyes(tmp_path, [shard], shard, steps=1, batch=8, lr=1e-3, seed=0, save_every=1, eval_every=100)
     model, tokenizer = rt.build_caption_model(tmp_path / "eyes.pt", rank=2)
     for name, param in model.named_parameters():  # LoRA B starts at zero: make the adapters act
         if "lora_B" in name:
             torch.nn.init.normal_(param, std=0.02, generator=torch.Generator().manual_seed(0))
     batch = rt._caption_batch(tokenizer, model.config, rt._resize_fn(), tmp_path, seed=0, step=0,
-                              budget=900, per_frame=16, frames={4: 1})
+                              budget=900, per_frame=16, frames={4: 1}, pose_reach=pose_reach)
     lengths = batch["attention_mask"].sum(dim=1)
     assert len(set(lengths.tolist())) > 1  # rows of different lengths: some are padded
+    positions = batch.get("position_ids", torch.arange(batch["input_ids"].shape[1]).repeat(len(lengths), 1))
     model.eval()
     with torch.no_grad():
         padded = rt.caption_loss(model, batch)
+        if pose_reach:  # the spread rows change the loss
+            assert not (positions == torch.arange(positions.shape[1])).all()
+            assert rt.caption_loss(model, {k: v for k, v in batch.items() if k != "position_ids"}) != padded
         total, count = 0.0, 0
         for row, length in enumerate(lengths.tolist()):
             ids = batch["input_ids"][row:row + 1, :length]
             pixels = batch["pixel_values_videos"][row:row + 1]
-            hidden = model.model(input_ids=ids, pixel_values_videos=pixels).last_hidden_state
+            hidden = model.model(input_ids=ids, pixel_values_videos=pixels,
+                                 position_ids=positions[row:row + 1, :length]).last_hidden_state
             predict = batch["labels"][row:row + 1, 1:length]
             logits = model.lm_head(hidden[:, :-1][predict])
             total += float(F.cross_entropy(logits.float(), ids[:, 1:][predict], reduction="sum"))

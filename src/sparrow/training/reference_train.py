@@ -42,7 +42,9 @@ data as an uninterrupted one):
    ones mixed in. Trained only to 64 frames, the model answered videos of 383 frames (6,129
    tokens) with a sentence or two (held-out key-fact score 0.34 on 2 videos, against 0.75 at 64
    frames). A 6k-token step costs ~50 s on 2 threads (CPU flash attention forward + backward is
-   half of it), so this stage is short and comes last.
+   half of it), so this stage is short and comes last. `--long-pose-reach N` spreads half the
+   rows' position ids up to N (`skip_positions`, PoSE), so that ~6k-token steps also meet the
+   relative distances of a 25k-token video; whether that helps at 25k is for eval-target to say.
 3. `export`: write the shipped weights (tower, projector, newline, LoRA factors) of the last
    language-model stage that ran to one safetensors file, which `sparrow.reference` merges
    into SmolLM2 at assembly.
@@ -96,6 +98,8 @@ EVAL_FRAMES = ((16, 8), (64, 4))  # (frames, videos) of the held-out check durin
 # Long stage: long clips (one conversation per step) and some short ones, so both stay read.
 LONG_FRAMES = {8: 1, 32: 1, 96: 1, 128: 2, 192: 2, 256: 2, 384: 2}
 LONG_EVAL_FRAMES = ((16, 8), (64, 4), (384, 2))
+# Long stage with --long-pose-reach: this share of the rows get skip positions (`skip_positions`).
+POSE_SHARE = 0.5
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 REWARM_STEPS = 20  # learning-rate re-warm-up after a sitting starts with fresh AdamW moments
 
@@ -586,11 +590,36 @@ def render_clip(seed: int, num_frames: int, resize, scratch: Path) -> tuple[np.n
     return frames, synthetic.scene_facts(scene)
 
 
+def skip_positions(length: int, reach: int, rng: random.Random, chunks: int = 2) -> torch.Tensor:
+    """Position ids (length,) for a sequence of `length` tokens that span up to `reach`
+    positions: the sequence is cut at random into `chunks` contiguous pieces and each piece after
+    the first is moved on by a skip (sorted uniform draws in [0, reach - length]), so positions
+    stay in order, consecutive inside a piece, and below `reach`.
+
+    PoSE (Zhu et al., ICLR 2024, arXiv 2309.10400): trained this way, a model meets relative
+    distances up to `reach` while attending over `length` real tokens only, which is what a
+    ~6k-token long-stage step can teach about 25k-token videos (a real 25k step costs ~10x).
+    Training only; at inference the model reads its own consecutive positions."""
+    positions = torch.arange(length)
+    if reach <= length or length < chunks:
+        return positions
+    cuts = sorted(rng.sample(range(1, length), chunks - 1))
+    skips = sorted(rng.randint(0, reach - length) for _ in range(chunks - 1))
+    for cut, skip in zip(cuts, skips, strict=True):
+        positions[cut:] = torch.arange(cut, length) + skip
+    return positions
+
+
 def _caption_batch(tokenizer, model_config, resize, scratch: Path, seed: int, step: int, budget: int,
-                   per_frame: int, frames: dict[int, int] | None = None, stage: str = "caption") -> dict:
+                   per_frame: int, frames: dict[int, int] | None = None, stage: str = "caption",
+                   pose_reach: int = 0) -> dict:
     """Step `step`'s batch: one frame count (weighted draw from `frames`, default
     CAPTION_FRAMES), fresh training seeds rendered on the fly, as many conversations as fit
-    `budget` tokens (at least one). Each stage draws from its own RNG stream."""
+    `budget` tokens (at least one). Each stage draws from its own RNG stream.
+
+    `pose_reach` > 0: a `POSE_SHARE` of the rows get `skip_positions` up to it (from a stream
+    of their own, so the videos and conversations are those of the same step without it) and
+    the batch carries `position_ids`."""
     frames = frames or CAPTION_FRAMES
     rng = random.Random(f"{seed}-{step}" if stage == "caption" else f"{seed}-{stage}-{step}")
     num_frames = rng.choices(list(frames), weights=list(frames.values()))[0]
@@ -613,8 +642,16 @@ def _caption_batch(tokenizer, model_config, resize, scratch: Path, seed: int, st
         input_ids[row, : len(ids)] = ids
         labels[row, : len(ids)] = mask
         attention[row, : len(ids)] = 1
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention,
-            "pixel_values_videos": data.video_pixels(np.stack(clips))}  # (B, T, C, S, S)
+    batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention,
+             "pixel_values_videos": data.video_pixels(np.stack(clips))}  # (B, T, C, S, S)
+    if pose_reach:
+        skips = random.Random(f"{seed}-{stage}-{step}-positions")
+        positions = torch.arange(length).repeat(size, 1)  # (B, L); pads keep counting, unread
+        for row, (ids, _) in enumerate(rows):
+            if skips.random() < POSE_SHARE:
+                positions[row, : len(ids)] = skip_positions(len(ids), pose_reach, skips)
+        batch["position_ids"] = positions
+    return batch
 
 
 def caption_loss(model, batch: dict) -> torch.Tensor:
@@ -625,8 +662,8 @@ def caption_loss(model, batch: dict) -> torch.Tensor:
     causal path, skipping the masked half of every score matrix (with the mask it computes all
     of it); on a 3 x 687-token batch a step took 13.6-14.4 s instead of 16.2-16.6 s, fp32, 2
     threads of an AVX2 EPYC."""
-    hidden = model.model(input_ids=batch["input_ids"],
-                         pixel_values_videos=batch["pixel_values_videos"]).last_hidden_state  # (B, L, D)
+    hidden = model.model(input_ids=batch["input_ids"], pixel_values_videos=batch["pixel_values_videos"],
+                         position_ids=batch.get("position_ids")).last_hidden_state  # (B, L, D)
     predict = batch["labels"][:, 1:]  # (B, L-1): token i+1 is a label -> predict it from i
     logits = model.lm_head(hidden[:, :-1][predict])  # (N, V)
     return F.cross_entropy(logits.float(), batch["input_ids"][:, 1:][predict])
@@ -705,10 +742,10 @@ def lr_scale(step: int, steps: int, warmup: int) -> float:
 def train_caption(run: Path, steps: int, budget: int, lr: float,
                   projector_lr: float, rank: int, seed: int, save_every: int, eval_every: int,
                   stop_at: int | None = None, eval_frames=EVAL_FRAMES, stage: str = "caption",
-                  frames: dict[int, int] | None = None, warmup: int = 50) -> Path:
+                  frames: dict[int, int] | None = None, warmup: int = 50, pose_reach: int = 0) -> Path:
     """Stage 2 (`stage` "caption") or 2b ("long": starts from caption.pt's final weights, with
     a fresh optimizer) up to `steps`, resuming from run/<stage>.pt; `stop_at` as in
-    `train_eyes`."""
+    `train_eyes`; `pose_reach` as in `_caption_batch` (a stage keeps the reach it started with)."""
     checkpoint, log = run / f"{stage}.pt", run / f"{stage}.jsonl"
     model, tokenizer = build_caption_model(run / "eyes.pt", rank)
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -729,6 +766,9 @@ def train_caption(run: Path, steps: int, budget: int, lr: float,
         missing = set(trainable) - set(state["trainable"])
         if missing:
             raise SystemExit(f"{checkpoint} lacks {len(missing)} trainable tensors (another --rank?)")
+        if state.get("pose_reach", 0) != pose_reach:
+            raise SystemExit(f"{checkpoint} was trained with position reach {state.get('pose_reach', 0)}, "
+                             f"not {pose_reach}: pass the same --long-pose-reach, or a new run directory")
         model.load_state_dict(state["trainable"], strict=False)
         start = state["step"]
         fresh = list(state.get("fresh_optimizer_at", [0]))
@@ -745,7 +785,7 @@ def train_caption(run: Path, steps: int, budget: int, lr: float,
     precision = "bf16" if isinstance(autocast(), torch.autocast) else "fp32"
     _log(log, {"step": start, "start": {"cpu": torch.backends.cpu.get_cpu_capability(),
                                         "threads": torch.get_num_threads(), "precision": precision,
-                                        "fresh_optimizer_at": fresh}})
+                                        "fresh_optimizer_at": fresh, "pose_reach": pose_reach}})
     resize = _resize_fn()
     scratch = Path(tempfile.mkdtemp(prefix="sparrow-caption-"))
     side = reference.TOWER["image_size"]
@@ -758,7 +798,7 @@ def train_caption(run: Path, steps: int, budget: int, lr: float,
         for group, rate in zip(optimizer.param_groups, base, strict=True):
             group["lr"] = rate * scale
         batch_data = _caption_batch(tokenizer, model.config, resize, scratch, seed, step, budget, per_frame,
-                                    frames, stage)
+                                    frames, stage, pose_reach)
         model.train()
         with autocast():
             loss = caption_loss(model, batch_data)
@@ -775,7 +815,7 @@ def train_caption(run: Path, steps: int, budget: int, lr: float,
         if done % save_every == 0 or done in (steps, stop_at):
             _save(checkpoint, {"trainable": {n: p.detach().clone() for n, p in trainable.items()},
                                "optimizer": optimizer.state_dict(), "step": done, "rank": rank,
-                               "fresh_optimizer_at": fresh})
+                               "fresh_optimizer_at": fresh, "pose_reach": pose_reach})
         if eval_every and (done % eval_every == 0 or done == steps):
             model.eval()
             scores = {}
@@ -824,6 +864,8 @@ def export(run: Path, out: Path) -> Path:
                 **{f"{stage}_steps": str(state["step"]) for stage, state in stages.items()},
                 **{f"{stage}_fresh_optimizer_at": ",".join(map(str, state.get("fresh_optimizer_at", [0])))
                    for stage, state in stages.items()},
+                **{f"{stage}_pose_reach": str(state["pose_reach"])
+                   for stage, state in stages.items() if state.get("pose_reach")},
                 "tower": json.dumps(reference.TOWER), "rope_scaling": json.dumps(reference.ROPE_SCALING),
                 "processor": json.dumps(reference.PROCESSOR_CONFIG)}
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -874,7 +916,8 @@ def continue_from(weights: Path, run: Path, rank: int) -> str:
         trainable[name] = tensors[key].to(param.dtype).reshape(param.shape).clone()
     fresh = [int(s) for s in metadata.get(f"{stage}_fresh_optimizer_at", "0").split(",")]
     _save(run / f"{stage}.pt", {"trainable": trainable, "step": int(metadata[f"{stage}_steps"]),
-                                "rank": rank, "fresh_optimizer_at": fresh})
+                                "rank": rank, "fresh_optimizer_at": fresh,
+                                "pose_reach": int(metadata.get(f"{stage}_pose_reach", 0))})
     if stage == "long":  # the long stage starts from caption.pt only when long.pt is missing
         _save(run / "caption.pt", {"trainable": trainable, "step": int(metadata["caption_steps"]),
                                    "rank": rank, "fresh_optimizer_at": [0]})
@@ -904,6 +947,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--long-steps", type=int, default=200, help="long-clip steps (0: skip the stage)")
     parser.add_argument("--long-lr", type=float, default=1.5e-4, help="LoRA learning rate, long stage")
     parser.add_argument("--long-projector-lr", type=float, default=1e-4)
+    parser.add_argument("--long-pose-reach", type=int, default=0, metavar="POSITIONS",
+                        help="long stage: half the rows get position ids spread up to POSITIONS "
+                             "(PoSE skip offsets, e.g. 26000 to meet 25k-token distances in ~6k-token "
+                             "steps); 0: consecutive positions")
     parser.add_argument("--rank", type=int, default=16, help="LoRA rank")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--save-every", type=int, default=25)
@@ -937,7 +984,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.stage in ("long", "all") and args.long_steps:
         train_caption(args.run, args.long_steps, args.caption_tokens, args.long_lr, args.long_projector_lr,
                       args.rank, args.seed, args.save_every, args.eval_every // 2, stage="long",
-                      frames=LONG_FRAMES, eval_frames=LONG_EVAL_FRAMES, warmup=10)
+                      frames=LONG_FRAMES, eval_frames=LONG_EVAL_FRAMES, warmup=10,
+                      pose_reach=args.long_pose_reach)
     if args.stage in ("export", "all"):
         print(f"wrote {export(args.run, args.out)}")
 
