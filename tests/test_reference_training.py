@@ -506,6 +506,15 @@ def test_caption_loss_of_a_padded_batch_is_that_of_its_conversations_alone(shard
         if pose_reach:  # the spread rows change the loss
             assert not (positions == torch.arange(positions.shape[1])).all()
             assert rt.caption_loss(model, {k: v for k, v in batch.items() if k != "position_ids"}) != padded
+            # ... and each piece reads the pieces before it: a skip is not a new sequence (the
+            # packed-sequence reading transformers gives position ids that jump, without a mask)
+            states = rt.language_states(model, batch)
+            changed = dict(batch, input_ids=batch["input_ids"].clone())
+            changed["input_ids"][:, 0] = tokenizer.convert_tokens_to_ids("!")  # first token of every row
+            moved = (rt.language_states(model, changed) - states).abs().amax(dim=-1)  # (B, L)
+            for row, length in enumerate(lengths.tolist()):
+                cut = int((positions[row, 1:length] - positions[row, : length - 1] != 1).nonzero()[0]) + 1
+                assert (moved[row, cut:length] > 1e-4).all(), (row, cut)
         total, count = 0.0, 0
         for row, length in enumerate(lengths.tolist()):
             ids = batch["input_ids"][row:row + 1, :length]
