@@ -395,12 +395,14 @@ def test_skip_positions_keep_order_and_pieces_and_reach_the_distances_asked_for(
     rng = random.Random(0)
     assert torch.equal(rt.skip_positions(50, 50, rng), torch.arange(50))  # nothing to spread
     farthest = 0
-    for chunks in (2, 3):
+    for chunks, within in ((2, None), (3, None), (2, range(30, 60))):
         for _ in range(200):
-            positions = rt.skip_positions(100, 1000, rng, chunks)
+            positions = rt.skip_positions(100, 1000, rng, within, chunks)
             steps = positions[1:] - positions[:-1]
             assert positions[0] == 0 and int(positions[-1]) < 1000 and (steps >= 1).all()
             assert int((steps > 1).sum()) <= chunks - 1  # consecutive inside each piece
+            if within:
+                assert (steps[:29] == 1).all() and (steps[59:] == 1).all()  # a piece starts within
             farthest = max(farthest, int(positions[-1]))
     assert farthest > 950  # relative distances near the whole reach are trained
 
@@ -422,6 +424,9 @@ def test_pose_batches_are_the_same_conversations_with_some_rows_spread(tokenizer
             else:
                 spread += 1
                 assert int(positions[-1]) < 5000 and (positions[1:] > positions[:-1]).all()
+                video = (batch["input_ids"][row] == config.video_token_index).nonzero()[:, 0]
+                cut = int((positions[1:] - positions[:-1] != 1).nonzero()[0]) + 1
+                assert video[0] < cut <= video[-1]  # frames are skipped, never words
     assert spread and plain  # POSE_SHARE of the rows, not all or none
 
 

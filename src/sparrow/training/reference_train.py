@@ -590,20 +590,23 @@ def render_clip(seed: int, num_frames: int, resize, scratch: Path) -> tuple[np.n
     return frames, synthetic.scene_facts(scene)
 
 
-def skip_positions(length: int, reach: int, rng: random.Random, chunks: int = 2) -> torch.Tensor:
+def skip_positions(length: int, reach: int, rng: random.Random, within: range | None = None,
+                   chunks: int = 2) -> torch.Tensor:
     """Position ids (length,) for a sequence of `length` tokens that span up to `reach`
-    positions: the sequence is cut at random into `chunks` contiguous pieces and each piece after
-    the first is moved on by a skip (sorted uniform draws in [0, reach - length]), so positions
-    stay in order, consecutive inside a piece, and below `reach`.
+    positions: the sequence is cut at random (each piece after a cut starts at an index drawn
+    from `within`, default anywhere) into `chunks` contiguous pieces and each piece after the
+    first is moved on by a skip (sorted uniform draws in [0, reach - length]), so positions stay
+    in order, consecutive inside a piece, and below `reach`.
 
     PoSE (Zhu et al., ICLR 2024, arXiv 2309.10400): trained this way, a model meets relative
     distances up to `reach` while attending over `length` real tokens only, which is what a
     ~6k-token long-stage step can teach about 25k-token videos (a real 25k step costs ~10x).
     Training only; at inference the model reads its own consecutive positions."""
     positions = torch.arange(length)
-    if reach <= length or length < chunks:
+    within = range(1, length) if within is None else within
+    if reach <= length or len(within) < chunks - 1:
         return positions
-    cuts = sorted(rng.sample(range(1, length), chunks - 1))
+    cuts = sorted(rng.sample(within, chunks - 1))
     skips = sorted(rng.randint(0, reach - length) for _ in range(chunks - 1))
     for cut, skip in zip(cuts, skips, strict=True):
         positions[cut:] = torch.arange(cut, length) + skip
@@ -619,7 +622,10 @@ def _caption_batch(tokenizer, model_config, resize, scratch: Path, seed: int, st
 
     `pose_reach` > 0: a `POSE_SHARE` of the rows get `skip_positions` up to it (from a stream
     of their own, so the videos and conversations are those of the same step without it) and
-    the batch carries `position_ids`."""
+    the batch carries `position_ids`. The cut falls inside the video, so the skip stands for
+    frames in between: at inference, large distances only ever separate the text from earlier
+    frames and frames from frames, never the words of a turn (at least one video token stays
+    next to the text after it)."""
     frames = frames or CAPTION_FRAMES
     rng = random.Random(f"{seed}-{step}" if stage == "caption" else f"{seed}-{stage}-{step}")
     num_frames = rng.choices(list(frames), weights=list(frames.values()))[0]
@@ -649,7 +655,9 @@ def _caption_batch(tokenizer, model_config, resize, scratch: Path, seed: int, st
         positions = torch.arange(length).repeat(size, 1)  # (B, L); pads keep counting, unread
         for row, (ids, _) in enumerate(rows):
             if skips.random() < POSE_SHARE:
-                positions[row, : len(ids)] = skip_positions(len(ids), pose_reach, skips)
+                video = (ids == model_config.video_token_index).nonzero()[:, 0]
+                within = range(int(video[0]) + 1, int(video[-1]) + 1)
+                positions[row, : len(ids)] = skip_positions(len(ids), pose_reach, skips, within)
         batch["position_ids"] = positions
     return batch
 
