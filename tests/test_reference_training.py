@@ -347,7 +347,7 @@ def test_a_sitting_continues_from_exported_weights(shard, tmp_path):
     precision = "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
     assert logged[0] == {"step": 1, "start": {"cpu": torch.backends.cpu.get_cpu_capability(), "threads":
                                               torch.get_num_threads(), "precision": precision,
-                                              "fresh_optimizer_at": [0, 1]}}
+                                              "fresh_optimizer_at": [0, 1], "pose_reach": 0}}
     logged = logged[1:]
     assert [r["step"] for r in logged] == [2, 3]
     for record in logged:  # step s (1-based) is schedule step s - 1, re-warmed from step 1
