@@ -88,3 +88,31 @@ def test_records_of_another_checkpoint_are_not_reused(tiny, tmp_path):
     record.write_text(json.dumps(stale) + "\n")
     rows = eval_target.evaluate(tiny, [40], out, videos=1, max_new_tokens=2, progress=False)
     assert rows[0]["videos"] == 1 and len(record.read_text().splitlines()) == 2  # re-evaluated
+
+
+
+def _render_at_once(cache):
+    path, _ = eval_target.video_for(synthetic.EVAL_SEED_START, 24, cache)
+    return path.stat().st_size
+
+
+def test_evaluations_side_by_side_share_the_video_cache(tmp_path, monkeypatch):
+    """Processes rendering the same evaluation video at once each publish a whole file (they
+    once shared one staging name, and all but the first failed: seen with three checkpoints
+    evaluated side by side). Here all four finish writing before any publishes."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    barrier = context.Manager().Barrier(4)
+    write = synthetic.write_scene
+
+    def write_then_wait(scene, path):
+        written = write(scene, path)
+        barrier.wait()
+        return written
+
+    monkeypatch.setattr(synthetic, "write_scene", write_then_wait)
+    with context.Pool(4) as pool:
+        sizes = pool.starmap(_render_at_once, [(tmp_path,)] * 4)
+    assert len(set(sizes)) == 1 and sizes[0] > 0
+    assert [p.name for p in tmp_path.iterdir()] == [f"{synthetic.EVAL_SEED_START}-24.mp4"]

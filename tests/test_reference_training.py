@@ -230,8 +230,9 @@ def test_eyes_training_resumes_exactly(shard, tmp_path):
 
 
 def test_caption_training_resumes_exactly_and_exports_mergeable_weights(shard, tmp_path):
-    """Two caption steps straight vs one + resume give the same weights; the exported file
-    assembles into SmolLM2 + scale * B @ A, and removing the LoRA gives SmolLM2 back."""
+    """Two caption steps straight vs one + resume (the resumed sitting with its batches built
+    in worker processes) give the same weights; the exported file assembles into SmolLM2 +
+    scale * B @ A, and removing the LoRA gives SmolLM2 back."""
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     for run in (straight, resumed):
         run.mkdir()
@@ -239,7 +240,7 @@ def test_caption_training_resumes_exactly_and_exports_mergeable_weights(shard, t
     kwargs = dict(budget=200, lr=1e-3, projector_lr=1e-3, rank=2, seed=0, save_every=1, eval_every=0)
     rt.train_caption(straight, steps=2, **kwargs)
     rt.train_caption(resumed, steps=2, stop_at=1, **kwargs)
-    rt.train_caption(resumed, steps=2, **kwargs)
+    rt.train_caption(resumed, steps=2, workers=2, **kwargs)
     a, b = (torch.load(r / "caption.pt", weights_only=True) for r in (straight, resumed))
     assert a["step"] == b["step"] == 2
     for key in a["trainable"]:
@@ -467,6 +468,26 @@ def test_align_stage_brings_visual_tokens_towards_the_words_and_seeds_the_captio
         torch.testing.assert_close(model.model.multi_modal_projector.state_dict()[name], value)
 
 
+def test_batches_built_by_workers_are_those_built_here(tokenizer, tmp_path):
+    config = reference.reference_config(reference.TOWER, reference.ROPE_SCALING)
+    args = (tokenizer, config, rt._resize_fn(), tmp_path, 3)
+    kwargs = dict(budget=900, per_frame=16, frames={4: 1, 8: 1}, stage="long", pose_reach=3000)
+    here, ahead = (list(rt.batches(5, 8, workers, *args, **kwargs)) for workers in (0, 2))
+    assert len(here) == len(ahead) == 3
+    for a, b, step in zip(here, ahead, range(5, 8), strict=True):
+        expected = rt._caption_batch(*args[:-1], seed=3, step=step, **kwargs)
+        for batch in (a, b):
+            assert batch.keys() == expected.keys()
+            for key in batch:
+                assert torch.equal(batch[key], expected[key]), key
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
+def test_asking_for_a_gpu_where_there_is_none_says_so(tmp_path):
+    with pytest.raises(SystemExit, match="--device cuda: this machine has no CUDA device"):
+        rt.main([str(tmp_path / "run"), "--stage", "long", "--device", "cuda"])
+
+
 def test_language_model_stages_use_bf16_only_where_the_cpu_has_it():
     a = torch.ones(4, 4)
     with rt.autocast(native_bf16=True):
@@ -531,3 +552,19 @@ def test_caption_loss_of_a_padded_batch_is_that_of_its_conversations_alone(shard
             total += float(F.cross_entropy(logits.float(), ids[:, 1:][predict], reduction="sum"))
             count += int(predict.sum())
     assert padded.item() == pytest.approx(total / count, rel=1e-5)
+
+
+def test_the_long_stage_spreads_positions_by_default_and_can_be_told_not_to():
+    parser = rt.build_parser()
+    assert parser.parse_args(["run"]).long_pose_reach == rt.LONG_POSE_REACH == 26000
+    assert parser.parse_args(["run", "--long-pose-reach", "0"]).long_pose_reach == 0
+
+
+def test_long_stage_clip_lengths_are_given_as_frames_and_weights(capsys):
+    parser = rt.build_parser()
+    assert parser.parse_args(["run"]).long_frames == rt.LONG_FRAMES
+    assert parser.parse_args(["run", "--long-frames", "8:3, 384:1"]).long_frames == {8: 3, 384: 1}
+    for bad in ("8", "8:0", "x:1", ""):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["run", "--long-frames", bad])
+        assert "FRAMES:WEIGHT pairs" in capsys.readouterr().err

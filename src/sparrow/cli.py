@@ -263,7 +263,7 @@ def cmd_eval_target(args: argparse.Namespace) -> int:
     if not lengths or min(lengths) <= 0 or args.videos < 1 or args.long_videos < 1:
         raise ConfigError("--lengths must be positive and --videos / --long-videos at least 1")
     target = load_target(args.target, dtype=_dtype(args.dtype), device=args.device)
-    command = "sparrow " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("sparrow") else ""
+    command = "sparrow " + " ".join(sys.argv[1:]) if Path(sys.argv[0]).name in ("sparrow", "cli.py") else ""
     rows = evaluate(target, lengths, Path(args.out), videos=args.videos, long_videos=args.long_videos,
                     max_new_tokens=args.max_new_tokens, command=command)
     for row in rows:

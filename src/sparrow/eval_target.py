@@ -16,6 +16,7 @@ run (a 25k-token prefill takes minutes on a CPU) resumes where it stopped; the s
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -83,10 +84,10 @@ def video_for(seed: int, num_frames: int, cache: Path) -> tuple[Path, synthetic.
     cache.mkdir(parents=True, exist_ok=True)
     path = cache / f"{seed}-{num_frames}.mp4"
     scene = synthetic.generate_scene(seed, num_frames, FRAME_SIZE, FRAME_SIZE, FPS)
-    if not path.is_file():
-        partial = cache / f"{seed}-{num_frames}.partial.mp4"
+    if not path.is_file():  # evaluations running side by side may render it at once: each its own file
+        partial = cache / f"{seed}-{num_frames}.{os.getpid()}.partial.mp4"
         synthetic.write_scene(scene, partial)
-        partial.rename(path)
+        os.replace(partial, path)
     return path, synthetic.scene_facts(scene)
 
 

@@ -43,8 +43,9 @@ data as an uninterrupted one):
    tokens) with a sentence or two (held-out key-fact score 0.34 on 2 videos, against 0.75 at 64
    frames). A 6k-token step costs ~50 s on 2 threads (CPU flash attention forward + backward is
    half of it), so this stage is short and comes last. `--long-pose-reach N` spreads half the
-   rows' position ids up to N (`skip_positions`, PoSE), so that ~6k-token steps also meet the
-   relative distances of a 25k-token video; whether that helps at 25k is for eval-target to say.
+   rows' position ids up to N (`skip_positions`, PoSE; default `LONG_POSE_REACH`), so that
+   ~6k-token steps also meet the relative distances of a 25k-token video: measured against
+   consecutive positions, it read 6k- and 25k-token videos better and short ones no worse.
 3. `export`: write the shipped weights (tower, projector, newline, LoRA factors) of the last
    language-model stage that ran to one safetensors file, which `sparrow.reference` merges
    into SmolLM2 at assembly.
@@ -59,6 +60,11 @@ each continuing from the previous sitting's export (kept in the repository's che
 the file records the steps at which its optimizer started fresh (`caption_fresh_optimizer_at`),
 which with the defaults is the whole recipe, and each start of a language-model stage logs the
 CPU capability and precision it trains with (the machines differ: `autocast`).
+
+Devices: the eyes and align stages run on the CPU; the language-model stages take `--device`
+(e.g. cuda: bf16 autocast there) and `--workers N` processes that render and tokenize batches
+ahead of the step. On one H200 a long-stage step took 0.57 s (two runs sharing the GPU; ~46 s on
+2 threads of an AVX2 EPYC), the batches built by 5 workers each.
 
 Seeds: training videos use seeds [0, 10**6); validation and `sparrow eval-target` use seeds
 from `EVAL_SEED_START` up, never trained on.
@@ -100,6 +106,11 @@ LONG_FRAMES = {8: 1, 32: 1, 96: 1, 128: 2, 192: 2, 256: 2, 384: 2}
 LONG_EVAL_FRAMES = ((16, 8), (64, 4), (384, 2))
 # Long stage with --long-pose-reach: this share of the rows get skip positions (`skip_positions`).
 POSE_SHARE = 0.5
+# The default reach: measured against consecutive positions from the same caption weights (200
+# steps each, H200, 8 held-out videos a length), key-fact accuracy 0.530 / 0.688 / 0.467 at
+# 1.5k / 6k / 25k visual tokens against 0.519 / 0.537 / 0.402 (the caption stage alone: 0.430
+# at 6k, 0.298 at 25k). MODEL_CARD.md, "Long stage".
+LONG_POSE_REACH = 26000
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 REWARM_STEPS = 20  # learning-rate re-warm-up after a sitting starts with fresh AdamW moments
 
@@ -161,6 +172,18 @@ def _save(path: Path, state: dict) -> None:
     partial = path.with_suffix(".partial")
     torch.save(state, partial)
     os.replace(partial, path)
+
+
+def _to_cpu(state):
+    """`state` (nested dicts / lists of tensors, e.g. an optimizer's state_dict) on the CPU, so
+    that a checkpoint written on a GPU loads anywhere."""
+    if isinstance(state, torch.Tensor):
+        return state.cpu()
+    if isinstance(state, dict):
+        return {key: _to_cpu(value) for key, value in state.items()}
+    if isinstance(state, list | tuple):
+        return type(state)(_to_cpu(value) for value in state)
+    return state
 
 
 def _log(path: Path, record: dict) -> None:
@@ -584,7 +607,7 @@ def render_clip(seed: int, num_frames: int, resize, scratch: Path) -> tuple[np.n
     from sparrow.video.io import read_video
 
     scene = synthetic.generate_scene(seed, num_frames, data.RENDER_SIZE, data.RENDER_SIZE)
-    path = synthetic.write_scene(scene, scratch / f"{seed}-{num_frames}.mp4")
+    path = synthetic.write_scene(scene, scratch / f"{seed}-{num_frames}-{os.getpid()}.mp4")  # workers too
     frames = resize(read_video(path).frames)
     path.unlink()
     return frames, synthetic.scene_facts(scene)
@@ -662,6 +685,35 @@ def _caption_batch(tokenizer, model_config, resize, scratch: Path, seed: int, st
     return batch
 
 
+class _Batches(torch.utils.data.Dataset):
+    """Step s -> `_caption_batch(..., step=s, ...)`, so that `--workers` processes can render
+    and tokenize the batches ahead of the training step (the batch depends on (seed, step)
+    only: the same with or without workers, tested)."""
+
+    def __init__(self, first: int, steps: int, *args, **kwargs):
+        self.first, self.steps, self.args, self.kwargs = first, steps, args, kwargs
+
+    def __len__(self) -> int:
+        return self.steps - self.first
+
+    def __getitem__(self, index: int) -> dict:
+        tokenizer, config, resize, scratch, seed, *rest = self.args
+        step = self.first + index
+        return _caption_batch(tokenizer, config, resize, scratch, seed, step, *rest, **self.kwargs)
+
+
+def batches(first: int, steps: int, workers: int, *args, **kwargs):
+    """The batches of steps `first`..`steps`-1 in order (`_caption_batch`'s arguments less the
+    step), built in `workers` processes ahead of use (0: here, when asked for). Rendering a
+    384-frame clip through mp4 and back takes ~1 s of one core: nothing beside a CPU's ~100 s
+    step, but the larger part of a GPU's."""
+    data_set = _Batches(first, steps, *args, **kwargs)
+    if not workers:
+        return (data_set[i] for i in range(len(data_set)))
+    loader = torch.utils.data.DataLoader(data_set, batch_size=None, num_workers=workers, prefetch_factor=4)
+    return iter(loader)
+
+
 def language_states(model, batch: dict) -> torch.Tensor:
     """The language model's last hidden states (B, L, D) of a training batch, every row one
     sequence under plain causal attention.
@@ -708,7 +760,8 @@ def build_caption_model(eyes: Path, rank: int):
     return model, tokenizer
 
 
-def describe_score(model, tokenizer, facts_list, frames: np.ndarray, max_new_tokens: int = 200) -> dict:
+def describe_score(model, tokenizer, facts_list, frames: np.ndarray, max_new_tokens: int = 200,
+                   device: str = "cpu") -> dict:
     """Greedy 'Describe the video in detail.' on each video; mean key-fact score and samples."""
     from sparrow.video.processing import VideoInputs
     from sparrow.video.prompt import render_chat
@@ -720,10 +773,10 @@ def describe_score(model, tokenizer, facts_list, frames: np.ndarray, max_new_tok
     video = VideoInputs(torch.empty(0), None, visual, [], family="llava_onevision")
     messages = [{"role": "user", "content": [{"type": "video"},
                                              {"type": "text", "text": data.DESCRIBE_PROMPTS[0]}]}]
-    ids = render_chat(tokenizer, config, messages, video)
+    ids = render_chat(tokenizer, config, messages, video).to(device)
     for facts, clip in zip(facts_list, frames, strict=True):
-        with torch.no_grad(), autocast():
-            out = model.generate(input_ids=ids, pixel_values_videos=data.video_pixels(clip[None]),
+        with torch.no_grad(), autocast(device):
+            out = model.generate(input_ids=ids, pixel_values_videos=data.video_pixels(clip[None]).to(device),
                                  max_new_tokens=max_new_tokens, do_sample=False)
         text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
         score = synthetic.score_description(text, facts)
@@ -736,14 +789,17 @@ def describe_score(model, tokenizer, facts_list, frames: np.ndarray, max_new_tok
     return {"score": float(np.mean(scores)), "by_kind": by_kind, "samples": samples}
 
 
-def autocast(native_bf16: bool | None = None):
+def autocast(device: str | torch.device = "cpu", native_bf16: bool | None = None):
     """The language-model stages' precision: bf16 autocast where oneDNN computes bf16 (AVX-512
     and up: 2.1x the fp32 GEMM rate measured on an AVX-512-bf16 EPYC), fp32 elsewhere (on an
     AVX2-only EPYC a bf16 GEMM ran at 1.2 GFLOP/s against 119 in fp32, 2 threads). The machines
-    here vary by session, so a run may mix both (the model card says which sittings ran how)."""
+    here vary by session, so a run may mix both (the model card says which sittings ran how).
+    On a CUDA device: bf16 where the GPU has it (Ampere and up)."""
+    kind = torch.device(device).type
     if native_bf16 is None:
-        native_bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    return torch.autocast("cpu", dtype=torch.bfloat16) if native_bf16 else contextlib.nullcontext()
+        native_bf16 = (torch.cuda.is_bf16_supported() if kind == "cuda"
+                       else torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return torch.autocast(kind, dtype=torch.bfloat16) if native_bf16 else contextlib.nullcontext()
 
 
 def lr_scale(step: int, steps: int, warmup: int) -> float:
@@ -762,10 +818,12 @@ def lr_scale(step: int, steps: int, warmup: int) -> float:
 def train_caption(run: Path, steps: int, budget: int, lr: float,
                   projector_lr: float, rank: int, seed: int, save_every: int, eval_every: int,
                   stop_at: int | None = None, eval_frames=EVAL_FRAMES, stage: str = "caption",
-                  frames: dict[int, int] | None = None, warmup: int = 50, pose_reach: int = 0) -> Path:
+                  frames: dict[int, int] | None = None, warmup: int = 50, pose_reach: int = 0,
+                  device: str = "cpu", workers: int = 0) -> Path:
     """Stage 2 (`stage` "caption") or 2b ("long": starts from caption.pt's final weights, with
     a fresh optimizer) up to `steps`, resuming from run/<stage>.pt; `stop_at` as in
-    `train_eyes`; `pose_reach` as in `_caption_batch` (a stage keeps the reach it started with)."""
+    `train_eyes`; `pose_reach` as in `_caption_batch` (a stage keeps the reach it started with);
+    `device` trains there (checkpoints hold CPU tensors either way); `workers` as in `batches`."""
     checkpoint, log = run / f"{stage}.pt", run / f"{stage}.jsonl"
     model, tokenizer = build_caption_model(run / "eyes.pt", rank)
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -774,6 +832,7 @@ def train_caption(run: Path, steps: int, budget: int, lr: float,
         if previous["step"] <= 0:
             raise SystemExit(f"stage {stage} starts from the caption stage; run it first")
         model.load_state_dict(previous["trainable"], strict=False)
+    model.to(device)  # before the optimizer: a resumed one casts its moments to the parameters' device
     groups = [
         {"params": [p for n, p in trainable.items() if "lora_" in n], "lr": lr},
         {"params": [p for n, p in trainable.items() if "lora_" not in n], "lr": projector_lr},
@@ -802,25 +861,27 @@ def train_caption(run: Path, steps: int, budget: int, lr: float,
         fresh = [0]
     if start >= steps:
         return checkpoint
-    precision = "bf16" if isinstance(autocast(), torch.autocast) else "fp32"
+    precision = "bf16" if isinstance(autocast(device), torch.autocast) else "fp32"
+    gpu = {"gpu": torch.cuda.get_device_name(device)} if torch.device(device).type == "cuda" else {}
     _log(log, {"step": start, "start": {"cpu": torch.backends.cpu.get_cpu_capability(),
-                                        "threads": torch.get_num_threads(), "precision": precision,
+                                        "threads": torch.get_num_threads(), **gpu, "precision": precision,
                                         "fresh_optimizer_at": fresh, "pose_reach": pose_reach}})
     resize = _resize_fn()
     scratch = Path(tempfile.mkdtemp(prefix="sparrow-caption-"))
     side = reference.TOWER["image_size"]
     per_frame = count_visual_tokens(model.config, reference.PROCESSOR_CONFIG, 1, side, side) - 1  # - newline
     began = time.perf_counter()
+    ahead = batches(start, steps, workers, tokenizer, model.config, resize, scratch, seed, budget, per_frame,
+                    frames, stage, pose_reach)
     for step in tqdm(range(start, steps), initial=start, total=steps, desc=stage, unit="step"):
         scale = lr_scale(step, steps, warmup)
         if fresh[-1] > 0:  # fresh moments mid-stage: re-warm, as at the start
             scale *= min(1.0, (step - fresh[-1] + 1) / REWARM_STEPS)
         for group, rate in zip(optimizer.param_groups, base, strict=True):
             group["lr"] = rate * scale
-        batch_data = _caption_batch(tokenizer, model.config, resize, scratch, seed, step, budget, per_frame,
-                                    frames, stage, pose_reach)
+        batch_data = {key: value.to(device) for key, value in next(ahead).items()}
         model.train()
-        with autocast():
+        with autocast(device):
             loss = caption_loss(model, batch_data)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -833,8 +894,8 @@ def train_caption(run: Path, steps: int, budget: int, lr: float,
                    "tokens": int(batch_data["attention_mask"].sum()),
                    "elapsed_s": round(time.perf_counter() - began, 1)})
         if done % save_every == 0 or done in (steps, stop_at):
-            _save(checkpoint, {"trainable": {n: p.detach().clone() for n, p in trainable.items()},
-                               "optimizer": optimizer.state_dict(), "step": done, "rank": rank,
+            _save(checkpoint, {"trainable": {n: p.detach().cpu().clone() for n, p in trainable.items()},
+                               "optimizer": _to_cpu(optimizer.state_dict()), "step": done, "rank": rank,
                                "fresh_optimizer_at": fresh, "pose_reach": pose_reach})
         if eval_every and (done % eval_every == 0 or done == steps):
             model.eval()
@@ -842,7 +903,7 @@ def train_caption(run: Path, steps: int, budget: int, lr: float,
             for num_frames, count in eval_frames:
                 clips = [render_clip(s, num_frames, resize, scratch) for s in list(VAL_SEEDS)[:count]]
                 pixels = np.stack([c for c, _ in clips])  # (N, T, S, S, 3)
-                result = describe_score(model, tokenizer, [f for _, f in clips], pixels)
+                result = describe_score(model, tokenizer, [f for _, f in clips], pixels, device=device)
                 scores[num_frames] = result["score"]
                 _log(log, {"step": done, "eval_frames": num_frames, "eval_score": result["score"],
                            "by_kind": result["by_kind"], "samples": result["samples"][:2]})
@@ -944,7 +1005,19 @@ def continue_from(weights: Path, run: Path, rank: int) -> str:
     return stage
 
 
-def main(argv: list[str] | None = None) -> None:
+def frame_weights(spec: str) -> dict[int, int]:
+    """`--long-frames` "8:1,384:2" -> {8: 1, 384: 2} (frames: weight of the draw)."""
+    try:
+        weights = {int(f): int(w) for f, w in (item.split(":") for item in spec.split(",") if item.strip())}
+    except ValueError:
+        weights = {}
+    if not weights or min(weights) < 1 or min(weights.values()) < 1:
+        raise argparse.ArgumentTypeError(f"{spec!r}: give FRAMES:WEIGHT pairs, comma-separated, both "
+                                         "positive integers, e.g. 8:1,128:2,384:2")
+    return weights
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", type=Path, help="run directory (corpus, checkpoints, logs)")
@@ -966,22 +1039,39 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--projector-lr", type=float, default=2e-4)
     parser.add_argument("--long-steps", type=int, default=200, help="long-clip steps (0: skip the stage)")
     parser.add_argument("--long-lr", type=float, default=1.5e-4, help="LoRA learning rate, long stage")
+    parser.add_argument("--long-frames", type=frame_weights, default=LONG_FRAMES, metavar="F:W,...",
+                        help="long stage: clip lengths in frames and their weights (default "
+                             + ",".join(f"{f}:{w}" for f, w in LONG_FRAMES.items()) + ")")
     parser.add_argument("--long-projector-lr", type=float, default=1e-4)
-    parser.add_argument("--long-pose-reach", type=int, default=0, metavar="POSITIONS",
+    parser.add_argument("--long-pose-reach", type=int, default=LONG_POSE_REACH, metavar="POSITIONS",
                         help="long stage: half the rows get position ids spread up to POSITIONS "
-                             "(PoSE skip offsets, e.g. 26000 to meet 25k-token distances in ~6k-token "
-                             "steps); 0: consecutive positions")
+                             "(PoSE skip offsets: 25k-token distances met in ~6k-token steps; default "
+                             "%(default)s); 0: consecutive positions")
     parser.add_argument("--rank", type=int, default=16, help="LoRA rank")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--save-every", type=int, default=25)
     parser.add_argument("--eval-every", type=int, default=250, help="caption eval period (0: never)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--device", default="cpu",
+                        help="torch device of the language-model stages (caption, long), e.g. cuda")
+    parser.add_argument("--workers", type=int, default=0,
+                        help="processes that build the language-model stages' batches ahead (0: none; "
+                             "worth it beside a GPU, not beside a CPU's own steps)")
     parser.add_argument("--out", type=Path, default=reference.WEIGHTS_FILE,
                         help="where export writes the shipped weights")
     parser.add_argument("--continue-from", type=Path, metavar="WEIGHTS",
                         help="start the run directory from an exported weights file (e.g. the shipped "
                              "one) and go on with its last language-model stage: no eyes / align stages")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    if args.workers < 0:
+        raise SystemExit(f"--workers {args.workers}: give 0 (none) or more")
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device}: this machine has no CUDA device (torch "
+                         f"{torch.__version__}); leave --device out to train on the CPU")
     torch.set_num_threads(args.threads)
     args.run.mkdir(parents=True, exist_ok=True)
     if args.continue_from:
@@ -1000,12 +1090,13 @@ def main(argv: list[str] | None = None) -> None:
                     args.eval_every)
     if args.stage in ("caption", "all"):
         train_caption(args.run, args.caption_steps, args.caption_tokens, args.lr, args.projector_lr,
-                      args.rank, args.seed, args.save_every, args.eval_every)
+                      args.rank, args.seed, args.save_every, args.eval_every, device=args.device,
+                      workers=args.workers)
     if args.stage in ("long", "all") and args.long_steps:
         train_caption(args.run, args.long_steps, args.caption_tokens, args.long_lr, args.long_projector_lr,
                       args.rank, args.seed, args.save_every, args.eval_every // 2, stage="long",
-                      frames=LONG_FRAMES, eval_frames=LONG_EVAL_FRAMES, warmup=10,
-                      pose_reach=args.long_pose_reach)
+                      frames=args.long_frames, eval_frames=LONG_EVAL_FRAMES, warmup=10,
+                      pose_reach=args.long_pose_reach, device=args.device, workers=args.workers)
     if args.stage in ("export", "all"):
         print(f"wrote {export(args.run, args.out)}")
 
