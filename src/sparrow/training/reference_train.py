@@ -761,8 +761,7 @@ def build_caption_model(eyes: Path, rank: int):
     return model, tokenizer
 
 
-def describe_score(model, tokenizer, facts_list, frames: np.ndarray, max_new_tokens: int = 200,
-                   device: str = "cpu") -> dict:
+def describe_score(model, tokenizer, facts_list, frames: np.ndarray, max_new_tokens: int = 200) -> dict:
     """Greedy 'Describe the video in detail.' on each video; mean key-fact score and samples."""
     from sparrow.video.processing import VideoInputs
     from sparrow.video.prompt import render_chat
@@ -774,6 +773,7 @@ def describe_score(model, tokenizer, facts_list, frames: np.ndarray, max_new_tok
     video = VideoInputs(torch.empty(0), None, visual, [], family="llava_onevision")
     messages = [{"role": "user", "content": [{"type": "video"},
                                              {"type": "text", "text": data.DESCRIBE_PROMPTS[0]}]}]
+    device = model.device
     ids = render_chat(tokenizer, config, messages, video).to(device)
     for facts, clip in zip(facts_list, frames, strict=True):
         with torch.no_grad(), autocast(device):
@@ -904,7 +904,7 @@ def train_caption(run: Path, steps: int, budget: int, lr: float,
             for num_frames, count in eval_frames:
                 clips = [render_clip(s, num_frames, resize, scratch) for s in list(VAL_SEEDS)[:count]]
                 pixels = np.stack([c for c, _ in clips])  # (N, T, S, S, 3)
-                result = describe_score(model, tokenizer, [f for _, f in clips], pixels, device=device)
+                result = describe_score(model, tokenizer, [f for _, f in clips], pixels)
                 scores[num_frames] = result["score"]
                 _log(log, {"step": done, "eval_frames": num_frames, "eval_score": result["score"],
                            "by_kind": result["by_kind"], "samples": result["samples"][:2]})
