@@ -46,7 +46,11 @@ data as an uninterrupted one):
    rows' position ids up to N (`skip_positions`, PoSE; default `LONG_POSE_REACH`), so that
    ~6k-token steps also meet the relative distances of a 25k-token video: measured against
    consecutive positions, it read 6k- and 25k-token videos better and 1.5k-token ones as well
-   (either way the long stage cost ~0.04 of key-fact accuracy on short videos).
+   (either way the 200-step long stage cost ~0.04 of key-fact accuracy on short videos; the
+   shipped weights went on to step 390 with more short clips, `--long-frames
+   8:2,16:2,32:2,64:2,96:1,128:1,192:1,256:2,384:1`, and read short videos better than the
+   caption stage alone, long ones about as before (-0.02 at 6k, -0.04 at 25k, within the
+   noise): MODEL_CARD.md, stage 2c).
 3. `export`: write the shipped weights (tower, projector, newline, LoRA factors) of the last
    language-model stage that ran to one safetensors file, which `sparrow.reference` merges
    into SmolLM2 at assembly.
