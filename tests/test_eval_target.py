@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 
 import pytest
 
@@ -89,6 +90,62 @@ def test_records_of_another_checkpoint_are_not_reused(tiny, tmp_path):
     rows = eval_target.evaluate(tiny, [40], out, videos=1, max_new_tokens=2, progress=False)
     assert rows[0]["videos"] == 1 and len(record.read_text().splitlines()) == 2  # re-evaluated
 
+
+
+def _sample(length, seed, score, model="m"):
+    return eval_target.Sample(length=length, seed=seed, num_frames=4, num_visual_tokens=length - 3,
+                              score=score, correct=0, total=1, hallucinated=0, by_kind={}, new_tokens=1,
+                              distinct_4grams=1.0, prefill_s=0.0, decode_s=0.0, text="", model=model)
+
+
+def test_paired_difference_pairs_videos_by_length_and_seed():
+    new = [_sample(40, 1, 0.5), _sample(40, 2, 0.75), _sample(40, 3, 1.0), _sample(80, 1, 0.25)]
+    old = [_sample(40, 2, 0.5), _sample(40, 1, 0.75), _sample(80, 2, 0.0), _sample(40, 9, 0.0)]
+    rows = eval_target.paired_difference(new, old)
+    assert len(rows) == 1  # 80: no video in common; seeds 3 and 9 unpaired
+    row = rows[0]
+    assert (row["length"], row["videos"], row["higher"], row["lower"]) == (40, 2, 1, 1)
+    assert (row["score"], row["baseline_score"], row["difference"]) == (0.625, 0.625, 0.0)
+    assert row["standard_error"] == pytest.approx(0.25)  # diffs -0.25, +0.25: stdev 0.354 / sqrt(2)
+
+
+def test_a_baseline_file_adds_the_paired_comparison_to_the_report(tiny, tmp_path):
+    out = tmp_path / "acc"
+    eval_target.evaluate(tiny, [40], out, videos=2, max_new_tokens=2, progress=False)
+    older = []
+    for i, line in enumerate(out.with_suffix(".jsonl").read_text().splitlines()):
+        record = json.loads(line)
+        record.update(model="an-older-checkpoint", score=record["score"] - 0.25 * (i + 1))
+        older.append(json.dumps(record))
+    base = tmp_path / "older.jsonl"
+    base.write_text("\n".join(older) + "\n")
+    eval_target.evaluate(tiny, [40], out, videos=2, max_new_tokens=2, progress=False, baseline=base)
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert report["baseline"]["model"] == "an-older-checkpoint"
+    (row,) = report["baseline_rows"]
+    assert row["videos"] == 2 and row["higher"] == 2 and row["difference"] == pytest.approx(0.375)
+    assert "an-older-checkpoint" in out.with_suffix(".md").read_text()
+    assert "| +0.375 | 0.125 | 2 / 0 |" in out.with_suffix(".md").read_text()
+
+
+def test_baseline_errors_name_the_file_and_the_fix(tmp_path):
+    from sparrow.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="no such file"):
+        eval_target.load_records(tmp_path / "missing.jsonl")
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text("".join(json.dumps(asdict(_sample(40, 1, 0.5, m))) + "\n" for m in ("a", "b")))
+    with pytest.raises(ConfigError, match=r"2 checkpoints \(a, b\)"):
+        eval_target.load_records(mixed)
+    assert [s.model for s in eval_target.load_records(mixed, exclude_model="a")] == ["b"]
+    own = tmp_path / "own.jsonl"
+    own.write_text(json.dumps(asdict(_sample(40, 1, 0.5, "a"))) + "\n")
+    with pytest.raises(ConfigError, match="no other checkpoint"):
+        eval_target.load_records(own, exclude_model="a")
+    junk = tmp_path / "junk.jsonl"
+    junk.write_text("not json\n")
+    with pytest.raises(ConfigError, match="not eval-target records"):
+        eval_target.load_records(junk)
 
 
 def _render_at_once(cache):

@@ -113,6 +113,9 @@ def _add_eval_target(sub) -> None:
     ev.add_argument("--max-new-tokens", type=int, default=256)
     ev.add_argument("--out", default="eval-target",
                     help="results path without suffix: writes .json, .md, .png and .jsonl (resume log)")
+    ev.add_argument("--baseline", metavar="RECORDS",
+                    help="another checkpoint's eval-target records (.jsonl or .json): the report adds "
+                    "the score difference paired by video, with its standard error")
 
 
 def _add_decoding(parser: argparse.ArgumentParser) -> None:
@@ -265,7 +268,8 @@ def cmd_eval_target(args: argparse.Namespace) -> int:
     target = load_target(args.target, dtype=_dtype(args.dtype), device=args.device)
     command = "sparrow " + " ".join(sys.argv[1:]) if Path(sys.argv[0]).name in ("sparrow", "cli.py") else ""
     rows = evaluate(target, lengths, Path(args.out), videos=args.videos, long_videos=args.long_videos,
-                    max_new_tokens=args.max_new_tokens, command=command)
+                    max_new_tokens=args.max_new_tokens, command=command,
+                    baseline=Path(args.baseline) if args.baseline else None)
     for row in rows:
         print(f"{row['num_visual_tokens']:>7,} visual tokens ({row['num_frames']} frames, {row['videos']} "
               f"videos): key-fact accuracy {row['score']:.3f}")

@@ -8,6 +8,11 @@ visual-token length, videos from evaluation seeds (never used in training:
 share: a target that loops at long lengths would inflate speculative acceptance) and what the
 prefill cost.
 
+`--baseline OTHER.jsonl` (another checkpoint's records, e.g. the shipped results) pairs the
+videos both answered, by length and seed, and reports the mean difference with its standard
+error: differences between checkpoints are small next to the spread between videos, so they are
+read paired.
+
 Every finished (length, seed) is appended to `<out>.jsonl` as it completes, so an interrupted
 run (a 25k-token prefill takes minutes on a CPU) resumes where it stopped; the summary
 (`<out>.json`, `<out>.md`, `<out>.png`) is rewritten after each one.
@@ -16,6 +21,7 @@ run (a 25k-token prefill takes minutes on a CPU) resumes where it stopped; the s
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 import time
@@ -143,9 +149,59 @@ def summarize(samples: list[Sample]) -> list[dict]:
     return rows
 
 
-def write_report(out: Path, samples: list[Sample], meta: dict) -> None:
+def load_records(path: Path, exclude_model: str = "") -> list[Sample]:
+    """The samples of an earlier run (`.jsonl` records or the `.json` summary) of one checkpoint,
+    leaving out `exclude_model`'s (the checkpoint being evaluated)."""
+    path = Path(path)
+    try:
+        if path.suffix == ".json":
+            records = json.loads(path.read_text())["samples"]
+        else:
+            records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        samples = [Sample(**r) for r in records]
+    except FileNotFoundError:
+        raise ConfigError(f"--baseline {path}: no such file; give an eval-target .jsonl or .json") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"--baseline {path}: not eval-target records ({e})") from None
+    samples = [s for s in samples if s.model != exclude_model]
+    models = sorted({s.model for s in samples})
+    if len(models) != 1:
+        what = (f"records of {len(models)} checkpoints ({', '.join(models)})" if models
+                else "no other checkpoint's records")
+        raise ConfigError(f"--baseline {path}: holds {what}; give a file with one checkpoint's records")
+    return samples
+
+
+def paired_difference(samples: list[Sample], baseline: list[Sample]) -> list[dict]:
+    """Per length, over the videos (seeds) both answered: mean score of each, the mean paired
+    difference and its standard error, and on how many videos each scored higher."""
+    base = {(s.length, s.seed): s.score for s in baseline}
+    rows = []
+    for length in sorted({s.length for s in samples}):
+        pairs = [(s.score, base[length, s.seed]) for s in samples
+                 if s.length == length and (length, s.seed) in base]
+        if not pairs:
+            continue
+        diffs = [a - b for a, b in pairs]
+        rows.append({
+            "length": length,
+            "num_visual_tokens": next(s.num_visual_tokens for s in samples if s.length == length),
+            "videos": len(pairs),
+            "score": statistics.mean(a for a, _ in pairs),
+            "baseline_score": statistics.mean(b for _, b in pairs),
+            "difference": statistics.mean(diffs),
+            "standard_error": statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else None,
+            "higher": sum(d > 0 for d in diffs),
+            "lower": sum(d < 0 for d in diffs),
+        })
+    return rows
+
+
+def write_report(out: Path, samples: list[Sample], meta: dict, baseline: list[Sample] | None = None) -> None:
     rows = summarize(samples)
-    out.with_suffix(".json").write_text(json.dumps({**meta, "rows": rows,
+    paired = paired_difference(samples, baseline) if baseline else []
+    extra = {"baseline_rows": paired} if baseline else {}
+    out.with_suffix(".json").write_text(json.dumps({**meta, "rows": rows, **extra,
                                                     "samples": [asdict(s) for s in samples]}, indent=1))
     kinds = sorted({k for row in rows for k in row["by_kind"]})
     lines = [
@@ -174,6 +230,17 @@ def write_report(out: Path, samples: list[Sample], meta: dict) -> None:
     for r in rows:
         cells = [f"{r['by_kind'][k]:.2f}" if r["by_kind"].get(k) is not None else "-" for k in kinds]
         lines.append(f"| {r['num_visual_tokens']:,} | " + " | ".join(cells) + " |")
+    if baseline:
+        lines += ["", f"Against `{meta['baseline']['model']}` ({meta['baseline']['path']}), paired by video "
+                  "(the same seeds at the same length):", "",
+                  "| visual tokens | videos | this | baseline | difference | standard error | "
+                  "higher / lower |",
+                  "|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in paired:
+            se = f"{r['standard_error']:.3f}" if r["standard_error"] is not None else "-"
+            lines.append(f"| {r['num_visual_tokens']:,} | {r['videos']} | {r['score']:.3f} | "
+                         f"{r['baseline_score']:.3f} | {r['difference']:+.3f} | {se} | "
+                         f"{r['higher']} / {r['lower']} |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     try:
         import matplotlib
@@ -197,9 +264,11 @@ def write_report(out: Path, samples: list[Sample], meta: dict) -> None:
 
 def evaluate(target: TargetAdapter, lengths: list[int], out: Path, videos: int = 20, long_videos: int = 3,
              max_new_tokens: int = 256, cache: Path | None = None, command: str = "",
-             progress: bool = True) -> list[dict]:
-    """Run (or resume) the evaluation; returns the summary rows (also written to `out`.*)."""
+             progress: bool = True, baseline: Path | None = None) -> list[dict]:
+    """Run (or resume) the evaluation; returns the summary rows (also written to `out`.*), with
+    the paired comparison against `baseline`'s records (see `paired_difference`) in the report."""
     out = Path(out)
+    base = load_records(baseline, exclude_model=_model_id(target)) if baseline else None
     out.parent.mkdir(parents=True, exist_ok=True)
     for length in lengths:
         frames_for_length(target, length)  # fail fast on an impossible length
@@ -219,6 +288,8 @@ def evaluate(target: TargetAdapter, lengths: list[int], out: Path, videos: int =
     meta = {"target": target.name, "date": date.today().isoformat(), "command": command,
             "device": describe_device(machine), "machine": machine, "max_new_tokens": max_new_tokens,
             "prompt": PROMPT}
+    if base:
+        meta["baseline"] = {"path": str(baseline), "model": base[0].model}
     samples = [s for s in done if (s.length, s.seed) in set(jobs)]
     for length, seed in tqdm(todo, desc="eval-target", unit="video", disable=not progress):
         began = time.perf_counter()
@@ -226,10 +297,10 @@ def evaluate(target: TargetAdapter, lengths: list[int], out: Path, videos: int =
         with record.open("a") as f:
             f.write(json.dumps(asdict(sample)) + "\n")
         samples.append(sample)
-        write_report(out, samples, meta)
+        write_report(out, samples, meta, base)
         if progress:
             tqdm.write(f"{sample.num_visual_tokens} visual tokens, seed {seed}: score {sample.score:.2f} "
                        f"({time.perf_counter() - began:.0f} s)")
     if samples and not todo:
-        write_report(out, samples, meta)
+        write_report(out, samples, meta, base)
     return summarize(samples)
