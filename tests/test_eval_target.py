@@ -91,7 +91,6 @@ def test_records_of_another_checkpoint_are_not_reused(tiny, tmp_path):
     assert rows[0]["videos"] == 1 and len(record.read_text().splitlines()) == 2  # re-evaluated
 
 
-
 def _sample(length, seed, score, model="m"):
     return eval_target.Sample(length=length, seed=seed, num_frames=4, num_visual_tokens=length - 3,
                               score=score, correct=0, total=1, hallucinated=0, by_kind={}, new_tokens=1,

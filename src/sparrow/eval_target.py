@@ -149,16 +149,21 @@ def summarize(samples: list[Sample]) -> list[dict]:
     return rows
 
 
+def _read_samples(path: Path) -> list[Sample]:
+    """The samples in a resume log (`.jsonl`, one record a line) or a report (`.json`)."""
+    if path.suffix == ".json":
+        records = json.loads(path.read_text())["samples"]
+    else:
+        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [Sample(**r) for r in records]
+
+
 def load_records(path: Path, exclude_model: str = "") -> list[Sample]:
     """The samples of an earlier run (`.jsonl` records or the `.json` summary) of one checkpoint,
     leaving out `exclude_model`'s (the checkpoint being evaluated)."""
     path = Path(path)
     try:
-        if path.suffix == ".json":
-            records = json.loads(path.read_text())["samples"]
-        else:
-            records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        samples = [Sample(**r) for r in records]
+        samples = _read_samples(path)
     except FileNotFoundError:
         raise ConfigError(f"--baseline {path}: no such file; give an eval-target .jsonl or .json") from None
     except (ValueError, KeyError, TypeError) as e:
@@ -200,8 +205,8 @@ def paired_difference(samples: list[Sample], baseline: list[Sample]) -> list[dic
 def write_report(out: Path, samples: list[Sample], meta: dict, baseline: list[Sample] | None = None) -> None:
     rows = summarize(samples)
     paired = paired_difference(samples, baseline) if baseline else []
-    extra = {"baseline_rows": paired} if baseline else {}
-    out.with_suffix(".json").write_text(json.dumps({**meta, "rows": rows, **extra,
+    out.with_suffix(".json").write_text(json.dumps({**meta, "rows": rows,
+                                                    **({"baseline_rows": paired} if baseline else {}),
                                                     "samples": [asdict(s) for s in samples]}, indent=1))
     kinds = sorted({k for row in rows for k in row["by_kind"]})
     lines = [
@@ -273,9 +278,7 @@ def evaluate(target: TargetAdapter, lengths: list[int], out: Path, videos: int =
     for length in lengths:
         frames_for_length(target, length)  # fail fast on an impossible length
     record = out.with_suffix(".jsonl")
-    lines = record.read_text().splitlines() if record.is_file() else []
-    done = [Sample(**json.loads(line)) for line in lines]
-    done = [s for s in done if s.model == _model_id(target)]
+    done = [s for s in (_read_samples(record) if record.is_file() else []) if s.model == _model_id(target)]
     have = {(s.length, s.seed) for s in done}
     jobs = [(length, synthetic.EVAL_SEED_START + i) for length in lengths
             for i in range(long_videos if length > LONG else videos)]
