@@ -25,6 +25,22 @@ def shard(tmp_path_factory):
                             progress=False)
 
 
+def test_corpus_is_its_shards_in_order(shard, tmp_path):
+    """load_corpus fills one array per field shard by shard; it must equal the shards one after
+    the other, facts included."""
+    tower = reference.TOWER
+    other = data.build_shard(tmp_path / "train-001.npz", [8, 9], tower["image_size"], tower["patch_size"],
+                             rt._resize_fn(), progress=False)
+    first, second = data.load_shard(shard), data.load_shard(other)
+    corpus = data.load_corpus([shard, other])
+    assert [f.seed for f in corpus.facts] == [3, 4, 5, 8, 9]
+    for name in data.Shard.__dataclass_fields__:
+        if name != "facts":
+            expected = np.concatenate([getattr(first, name), getattr(second, name)])
+            assert getattr(corpus, name).dtype == expected.dtype
+            np.testing.assert_array_equal(getattr(corpus, name), expected, err_msg=name)
+
+
 def test_patch_labels_name_the_object_under_each_patch():
     scene = synthetic.generate_scene(7, 6, 128, 128)
     labels = data.patch_labels(scene, grid=8)
@@ -368,6 +384,54 @@ def test_a_sitting_continues_from_exported_weights(shard, tmp_path):
     with pytest.raises(SystemExit, match="not an eyes stage"):
         rt.train_eyes(straight, [shard], shard, steps=2, batch=8, lr=1e-3, seed=0, save_every=1,
                       eval_every=100)
+
+
+def test_a_caption_stage_on_new_eyes_can_start_from_an_earlier_adapter(shard, tmp_path):
+    """--lora-from: the new run's caption stage starts with the file's LoRA factors (fp16 as
+    stored) and its own tower / projector; the file's name is logged, kept across a resume and
+    exported; a file of another rank is refused, as is --lora-from beside --continue-from."""
+    from safetensors import safe_open
+
+    old, new = tmp_path / "old", tmp_path / "new"
+    kwargs = dict(budget=200, lr=1e-3, projector_lr=1e-3, rank=2, seed=0, save_every=1, eval_every=0)
+    for run, seed in ((old, 0), (new, 1)):
+        run.mkdir()
+        rt.train_eyes(run, [shard], shard, steps=1, batch=8, lr=1e-3, seed=seed, save_every=1, eval_every=100)
+    rt.train_caption(old, steps=2, **kwargs)
+    weights = rt.export(old, tmp_path / "old.safetensors")
+    trained = torch.load(old / "caption.pt", weights_only=True)["trainable"]
+
+    # A zero learning rate leaves the starting point in the checkpoint.
+    rt.train_caption(new, steps=2, stop_at=1, lora_weights=weights, **dict(kwargs, lr=0.0, projector_lr=0.0))
+    started = torch.load(new / "caption.pt", weights_only=True)
+    model, _ = rt.build_caption_model(new / "eyes.pt", rank=2)
+    initial = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    lora = [k for k in trained if "lora_" in k]
+    assert lora and any("lora_B" in k for k in lora)
+    for key in lora:
+        torch.testing.assert_close(started["trainable"][key], trained[key].to(torch.float16).float(),
+                                   rtol=0, atol=0)
+    projector = next(k for k in trained if "multi_modal_projector" in k)
+    torch.testing.assert_close(started["trainable"][projector], initial[projector], rtol=0, atol=0)
+    assert not torch.equal(started["trainable"][projector], trained[projector])
+    assert started["lora_from"] == "old.safetensors"
+
+    rt.train_caption(new, steps=2, lora_weights=weights, **kwargs)  # resumes: the file is not read again
+    logged = [json.loads(line) for line in (new / "caption.jsonl").read_text().splitlines()]
+    assert [r["start"]["lora_from"] for r in logged if "start" in r] == ["old.safetensors"] * 2
+    resumed = torch.load(new / "caption.pt", weights_only=True)
+    assert resumed["step"] == 2 and any(not torch.equal(resumed["trainable"][k], started["trainable"][k])
+                                        for k in lora)
+    with safe_open(str(rt.export(new, tmp_path / "new.safetensors")), "pt") as file:
+        assert file.metadata()["caption_lora_from"] == "old.safetensors"
+
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "eyes.pt").write_bytes((new / "eyes.pt").read_bytes())
+    with pytest.raises(SystemExit, match="LoRA rank 2, not --rank 4"):
+        rt.train_caption(other, steps=1, lora_weights=weights, **dict(kwargs, rank=4))
+    with pytest.raises(SystemExit, match="give one of them"):
+        rt.main([str(other), "--continue-from", str(weights), "--lora-from", str(weights)])
 
 
 def test_missing_weights_say_how_to_make_them(tmp_path):

@@ -160,14 +160,6 @@ def ensure_corpus(corpus_dir: Path, train_shards: int) -> tuple[list[Path], Path
     return train, val
 
 
-def _concat(shards: list[data.Shard]) -> data.Shard:
-    if len(shards) == 1:
-        return shards[0]
-    fields = {k: np.concatenate([getattr(s, k) for s in shards]) for k in data.Shard.__dataclass_fields__
-              if k != "facts"}
-    return data.Shard(**fields, facts=[f for s in shards for f in s.facts])
-
-
 # ---------------------------------------------------------------------------------------------
 # Checkpoints and logs
 # ---------------------------------------------------------------------------------------------
@@ -384,7 +376,7 @@ def train_eyes(run: Path, train: list[Path], val: Path, steps: int, batch: int, 
         print(f"resuming eyes at step {start}/{steps}", flush=True)
     if start >= steps:
         return checkpoint
-    corpus = _concat([data.load_shard(p) for p in train])
+    corpus = data.load_corpus(train)
     held_out = data.load_shard(val)
     schedule = lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * s / steps))  # noqa: E731
     began = time.perf_counter()
@@ -509,7 +501,7 @@ def train_align(run: Path, train: list[Path], val: Path, steps: int, batch: int,
     tower, projector = model.model.vision_tower.eval(), model.model.multi_modal_projector
     embeddings = model.model.language_model.embed_tokens.weight.detach()  # (V, D)
     optimizer = torch.optim.AdamW(projector.parameters(), lr=lr, weight_decay=0.0)
-    corpus = _concat([data.load_shard(p) for p in train])
+    corpus = data.load_corpus(train)
     held_out = data.load_shard(val)
 
     regions = region_table(tokenizer, embeddings)  # (9, D)
@@ -824,14 +816,20 @@ def train_caption(run: Path, steps: int, budget: int, lr: float,
                   projector_lr: float, rank: int, seed: int, save_every: int, eval_every: int,
                   stop_at: int | None = None, eval_frames=EVAL_FRAMES, stage: str = "caption",
                   frames: dict[int, int] | None = None, warmup: int = 50, pose_reach: int = 0,
-                  device: str = "cpu", workers: int = 0) -> Path:
+                  device: str = "cpu", workers: int = 0, lora_weights: Path | None = None) -> Path:
     """Stage 2 (`stage` "caption") or 2b ("long": starts from caption.pt's final weights, with
     a fresh optimizer) up to `steps`, resuming from run/<stage>.pt; `stop_at` as in
     `train_eyes`; `pose_reach` as in `_caption_batch` (a stage keeps the reach it started with);
-    `device` trains there (checkpoints hold CPU tensors either way); `workers` as in `batches`."""
+    `device` trains there (checkpoints hold CPU tensors either way); `workers` as in `batches`;
+    `lora_weights`: a caption stage's first step starts its LoRA factors from that exported
+    file (`lora_from`) instead of peft's initialisation (B = 0)."""
     checkpoint, log = run / f"{stage}.pt", run / f"{stage}.jsonl"
     model, tokenizer = build_caption_model(run / "eyes.pt", rank)
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    warm = {}
+    if lora_weights is not None and stage == "caption" and not checkpoint.is_file():
+        model.load_state_dict(lora_from(lora_weights, model, rank), strict=False)
+        warm = {"lora_from": lora_weights.name}
     if stage != "caption" and not checkpoint.is_file():
         previous = torch.load(run / "caption.pt", weights_only=True)
         if previous["step"] <= 0:
@@ -862,6 +860,7 @@ def train_caption(run: Path, steps: int, budget: int, lr: float,
         else:  # a sitting continued from exported weights (`continue_from`)
             fresh = fresh if fresh[-1] == start else [*fresh, start]
             print(f"continuing {stage} at step {start}/{steps} with a fresh optimizer", flush=True)
+        warm = {key: state[key] for key in ("lora_from",) if key in state}
     else:
         fresh = [0]
     if start >= steps:
@@ -870,7 +869,7 @@ def train_caption(run: Path, steps: int, budget: int, lr: float,
     gpu = {"gpu": torch.cuda.get_device_name(device)} if torch.device(device).type == "cuda" else {}
     _log(log, {"step": start, "start": {"cpu": torch.backends.cpu.get_cpu_capability(),
                                         "threads": torch.get_num_threads(), **gpu, "precision": precision,
-                                        "fresh_optimizer_at": fresh, "pose_reach": pose_reach}})
+                                        "fresh_optimizer_at": fresh, "pose_reach": pose_reach, **warm}})
     resize = _resize_fn()
     scratch = Path(tempfile.mkdtemp(prefix="sparrow-caption-"))
     side = reference.TOWER["image_size"]
@@ -901,7 +900,7 @@ def train_caption(run: Path, steps: int, budget: int, lr: float,
         if done % save_every == 0 or done in (steps, stop_at):
             _save(checkpoint, {"trainable": {n: p.detach().cpu().clone() for n, p in trainable.items()},
                                "optimizer": _to_cpu(optimizer.state_dict()), "step": done, "rank": rank,
-                               "fresh_optimizer_at": fresh, "pose_reach": pose_reach})
+                               "fresh_optimizer_at": fresh, "pose_reach": pose_reach, **warm})
         if eval_every and (done % eval_every == 0 or done == steps):
             model.eval()
             scores = {}
@@ -952,6 +951,8 @@ def export(run: Path, out: Path) -> Path:
                    for stage, state in stages.items()},
                 **{f"{stage}_pose_reach": str(state["pose_reach"])
                    for stage, state in stages.items() if state.get("pose_reach")},
+                **({"caption_lora_from": stages["caption"]["lora_from"]}
+                   if "lora_from" in stages.get("caption", {}) else {}),
                 "tower": json.dumps(reference.TOWER), "rope_scaling": json.dumps(reference.ROPE_SCALING),
                 "processor": json.dumps(reference.PROCESSOR_CONFIG)}
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -961,23 +962,49 @@ def export(run: Path, out: Path) -> Path:
     return out
 
 
+def read_export(weights: Path, flag: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(metadata, tensors by shipped name) of a file written by `export`; `flag` names the
+    option that gave it, for the errors."""
+    from safetensors import safe_open
+
+    if not weights.is_file():
+        raise SystemExit(f"{flag} {weights}: no such file (an exported weights file, e.g. "
+                         f"{reference.WEIGHTS_FILE})")
+    with safe_open(str(weights), "pt") as f:
+        metadata = f.metadata() or {}
+        tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118
+    if "caption_steps" not in metadata:
+        raise SystemExit(f"{flag} {weights}: the file records no caption step; it was not "
+                         "written by this script's export")
+    return metadata, tensors
+
+
+def lora_from(weights: Path, model, rank: int) -> dict[str, torch.Tensor]:
+    """The LoRA factors of an exported file under `model`'s parameter names (`--lora-from`): a
+    caption stage on new eyes starts its language-model adapter from an earlier run's, whose
+    reading of word-embedding-aligned visual tokens carries over (the align stage maps any tower
+    to the same targets); the tower, projector and newline stay this run's."""
+    metadata, tensors = read_export(weights, "--lora-from")
+    if int(metadata.get("lora_rank", rank)) != rank:
+        raise SystemExit(f"--lora-from {weights}: LoRA rank {metadata['lora_rank']}, not --rank {rank}")
+    factors = {}
+    for name, param in model.named_parameters():
+        if "lora_" in name:
+            value = tensors.get(shipped_name(name))
+            if value is None or value.shape != param.shape:
+                raise SystemExit(f"--lora-from {weights}: it lacks {shipped_name(name)} of shape "
+                                 f"{tuple(param.shape)}; it was trained for another language model")
+            factors[name] = value.to(param.dtype).clone()
+    return factors
+
+
 def continue_from(weights: Path, run: Path, rank: int) -> str:
     """Seed `run` from an exported weights file so that the last language-model stage it
     records goes on from there (see "Sittings" above): run/eyes.pt gets the file's tower, and
     run/<stage>.pt its trainable tensors and step, without optimizer state. Returns the stage.
     A run directory already seeded (or trained) is left alone: rerunning resumes it."""
-    from safetensors import safe_open
-
-    if not weights.is_file():
-        raise SystemExit(f"--continue-from {weights}: no such file (an exported weights file, e.g. "
-                         f"{reference.WEIGHTS_FILE})")
-    with safe_open(str(weights), "pt") as f:
-        metadata = f.metadata() or {}
-        tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118
+    metadata, tensors = read_export(weights, "--continue-from")
     stage = "long" if "long_steps" in metadata else "caption"
-    if f"{stage}_steps" not in metadata:
-        raise SystemExit(f"--continue-from {weights}: the file records no caption step; it was not "
-                         "written by this script's export")
     setup = reference.weights_setup(weights)
     if setup != (reference.TOWER, reference.ROPE_SCALING, reference.PROCESSOR_CONFIG):
         raise SystemExit(f"--continue-from {weights}: it was trained for another tower, positions or "
@@ -1067,6 +1094,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--continue-from", type=Path, metavar="WEIGHTS",
                         help="start the run directory from an exported weights file (e.g. the shipped "
                              "one) and go on with its last language-model stage: no eyes / align stages")
+    parser.add_argument("--lora-from", type=Path, metavar="WEIGHTS",
+                        help="start the caption stage's LoRA factors from an exported weights file of the "
+                             "same --rank (e.g. the shipped one) instead of from zero: new eyes, the old "
+                             "adapter (the tower, projector and newline stay this run's)")
     return parser
 
 
@@ -1079,6 +1110,9 @@ def main(argv: list[str] | None = None) -> None:
                          f"{torch.__version__}); leave --device out to train on the CPU")
     torch.set_num_threads(args.threads)
     args.run.mkdir(parents=True, exist_ok=True)
+    if args.continue_from and args.lora_from:
+        raise SystemExit("--lora-from starts a new caption stage; --continue-from goes on with the file's "
+                         "own stage (its LoRA included): give one of them")
     if args.continue_from:
         if args.stage in ("corpus", "eyes", "align"):
             raise SystemExit("--continue-from starts after the eyes and align stages, "
@@ -1096,7 +1130,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.stage in ("caption", "all"):
         train_caption(args.run, args.caption_steps, args.caption_tokens, args.lr, args.projector_lr,
                       args.rank, args.seed, args.save_every, args.eval_every, device=args.device,
-                      workers=args.workers)
+                      workers=args.workers, lora_weights=args.lora_from)
     if args.stage in ("long", "all") and args.long_steps:
         train_caption(args.run, args.long_steps, args.caption_tokens, args.long_lr, args.long_projector_lr,
                       args.rank, args.seed, args.save_every, args.eval_every // 2, stage="long",
