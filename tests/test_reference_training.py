@@ -422,7 +422,11 @@ def test_a_caption_stage_on_new_eyes_can_start_from_an_earlier_adapter(shard, tm
     resumed = torch.load(new / "caption.pt", weights_only=True)
     assert resumed["step"] == 2 and any(not torch.equal(resumed["trainable"][k], started["trainable"][k])
                                         for k in lora)
-    with safe_open(str(rt.export(new, tmp_path / "new.safetensors")), "pt") as file:
+    exported = rt.export(new, tmp_path / "new.safetensors")
+    with safe_open(str(exported), "pt") as file:
+        assert file.metadata()["caption_lora_from"] == "old.safetensors"
+    rt.continue_from(exported, tmp_path / "next", rank=2)  # a later sitting keeps the provenance
+    with safe_open(str(rt.export(tmp_path / "next", tmp_path / "next.safetensors")), "pt") as file:
         assert file.metadata()["caption_lora_from"] == "old.safetensors"
 
     other = tmp_path / "other"

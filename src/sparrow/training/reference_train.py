@@ -1028,12 +1028,14 @@ def continue_from(weights: Path, run: Path, rank: int) -> str:
             raise SystemExit(f"--continue-from {weights}: it lacks {key}")
         trainable[name] = tensors[key].to(param.dtype).reshape(param.shape).clone()
     fresh = [int(s) for s in metadata.get(f"{stage}_fresh_optimizer_at", "0").split(",")]
+    warm = {"lora_from": metadata["caption_lora_from"]} if "caption_lora_from" in metadata else {}
     _save(run / f"{stage}.pt", {"trainable": trainable, "step": int(metadata[f"{stage}_steps"]),
                                 "rank": rank, "fresh_optimizer_at": fresh,
-                                "pose_reach": int(metadata.get(f"{stage}_pose_reach", 0))})
+                                "pose_reach": int(metadata.get(f"{stage}_pose_reach", 0)),
+                                **(warm if stage == "caption" else {})})
     if stage == "long":  # the long stage starts from caption.pt only when long.pt is missing
         _save(run / "caption.pt", {"trainable": trainable, "step": int(metadata["caption_steps"]),
-                                   "rank": rank, "fresh_optimizer_at": [0]})
+                                   "rank": rank, "fresh_optimizer_at": [0], **warm})
     return stage
 
 
