@@ -215,7 +215,29 @@ def test_descriptions_name_every_object_and_differ_across_styles():
             for obj in facts.objects:
                 assert re.search(rf"\b{obj.size} {obj.colour} {obj.shape}\b", text), (text, obj)
         if len(facts.events) == 3:
-            assert all(word in texts[0] for word in ("First", "Then", "Finally"))
+            assert all(word in texts[0] for word in ("During the video", "Then", "Next"))
+
+
+def test_the_words_before_the_first_event_do_not_depend_on_how_many_events_follow():
+    """A describer trained on these texts need not decide how many events it saw before telling
+    the first one (the reference target, trained on count-dependent openers, invented events)."""
+    from sparrow.video.synthetic import _event_clause
+
+    openers: dict[int, dict[int, set[str]]] = {}
+    for seed in range(60):
+        facts = scene_facts(generate_scene(seed, 16, 64, 64))
+        if not facts.events:
+            continue
+        for style in range(NUM_STYLES):
+            text = describe(facts, style)
+            clause = _event_clause(facts, 0, style)
+            at = text.lower().index(clause.lower())
+            sentence_start = text.rfind(". ", 0, at)
+            opener = text[sentence_start + 2 if sentence_start >= 0 else 0:at]
+            openers.setdefault(style, {}).setdefault(len(facts.events), set()).add(opener)
+    for style, by_count in openers.items():
+        assert set(by_count) == {1, 2, 3}, (style, by_count)
+        assert len(set().union(*by_count.values())) == 1, (style, by_count)
 
 
 def test_reference_descriptions_score_full_marks():
