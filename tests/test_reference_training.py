@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 
@@ -414,20 +415,21 @@ def test_a_caption_stage_on_new_eyes_can_start_from_an_earlier_adapter(shard, tm
     projector = next(k for k in trained if "multi_modal_projector" in k)
     torch.testing.assert_close(started["trainable"][projector], initial[projector], rtol=0, atol=0)
     assert not torch.equal(started["trainable"][projector], trained[projector])
-    assert started["lora_from"] == "old.safetensors"
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()[:12]
+    assert started["lora_from"] == f"old.safetensors (sha256 {digest})"
 
     rt.train_caption(new, steps=2, lora_weights=weights, **kwargs)  # resumes: the file is not read again
     logged = [json.loads(line) for line in (new / "caption.jsonl").read_text().splitlines()]
-    assert [r["start"]["lora_from"] for r in logged if "start" in r] == ["old.safetensors"] * 2
+    assert [r["start"]["lora_from"] for r in logged if "start" in r] == [started["lora_from"]] * 2
     resumed = torch.load(new / "caption.pt", weights_only=True)
     assert resumed["step"] == 2 and any(not torch.equal(resumed["trainable"][k], started["trainable"][k])
                                         for k in lora)
     exported = rt.export(new, tmp_path / "new.safetensors")
     with safe_open(str(exported), "pt") as file:
-        assert file.metadata()["caption_lora_from"] == "old.safetensors"
+        assert file.metadata()["caption_lora_from"] == started["lora_from"]
     rt.continue_from(exported, tmp_path / "next", rank=2)  # a later sitting keeps the provenance
     with safe_open(str(rt.export(tmp_path / "next", tmp_path / "next.safetensors")), "pt") as file:
-        assert file.metadata()["caption_lora_from"] == "old.safetensors"
+        assert file.metadata()["caption_lora_from"] == started["lora_from"]
 
     other = tmp_path / "other"
     other.mkdir()

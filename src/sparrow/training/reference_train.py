@@ -79,6 +79,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -829,7 +830,8 @@ def train_caption(run: Path, steps: int, budget: int, lr: float,
     warm = {}
     if lora_weights is not None and stage == "caption" and not checkpoint.is_file():
         model.load_state_dict(lora_from(lora_weights, model, rank), strict=False)
-        warm = {"lora_from": lora_weights.name}
+        digest = hashlib.sha256(lora_weights.read_bytes()).hexdigest()[:12]  # reference.checkpoint's naming
+        warm = {"lora_from": f"{lora_weights.name} (sha256 {digest})"}
     if stage != "caption" and not checkpoint.is_file():
         previous = torch.load(run / "caption.pt", weights_only=True)
         if previous["step"] <= 0:
