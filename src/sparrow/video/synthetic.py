@@ -1044,14 +1044,14 @@ def _ordinals(count: int, first: str, later: list[str]) -> list[str]:
     """Connectives for `count` events in order: `first`, then `later` in turn.
 
     Neither the first connective nor any other depends on how many events there are: a model
-    that learns to describe from these text must not have to decide how many events it saw
+    that learns to describe from these texts must not have to decide how many events it saw
     before it tells the first one. With a single-event opener ('At some point, ...') beside a
     many-event one ('To begin with, ...', '... Lastly, ...'), the reference target opened 19 of
     21 one-event held-out videos with the many-event form and then invented a last event
     ('Lastly, the star disappears'): 25 invented exits in 48 answers at 497 visual tokens
     (2026-11-27 weights). Here the sentence after the events (still objects, counts) ends
     them, a choice made after the events told so far."""
-    return [first, *(later[i % len(later)] for i in range(count - 1))]
+    return [first, *(later[i % len(later)] for i in range(count - 1))][:count]
 
 
 def _background_phrase(facts: VideoFacts) -> str:
