@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import asdict
 
@@ -62,6 +63,7 @@ def test_scores_come_from_the_ground_truth(tiny, tmp_path, monkeypatch):
     monkeypatch.setattr(api, "answer", perfect)
     rows = eval_target.evaluate(tiny, [80], tmp_path / "acc", videos=2, progress=False)
     assert rows[0]["score"] == 1.0 and rows[0]["hallucinated_per_video"] == 0
+    assert rows[0]["invented_events_per_video"] == 0
 
 
 def test_distinct_ngrams_detects_loops():
@@ -172,3 +174,20 @@ def test_evaluations_side_by_side_share_the_video_cache(tmp_path, monkeypatch):
         sizes = pool.starmap(_render_at_once, [(tmp_path,)] * 4)
     assert len(set(sizes)) == 1 and sizes[0] > 0
     assert [p.name for p in tmp_path.iterdir()] == [f"{synthetic.EVAL_SEED_START}-24.mp4"]
+
+
+def test_records_from_before_events_were_counted_still_load_and_report(tmp_path):
+    """Result files written before `invented_events` existed: the baseline loads, the column is '-'."""
+    old = tmp_path / "old.jsonl"
+    record = asdict(_sample(40, 1, 0.5))
+    del record["invented_events"]
+    old.write_text(json.dumps(record) + "\n")
+    samples = eval_target.load_records(old)
+    assert samples[0].invented_events is None
+    assert eval_target.summarize(samples)[0]["invented_events_per_video"] is None
+    meta = {"target": "t", "date": "d", "device": "cpu", "command": "c", "max_new_tokens": 1}
+    eval_target.write_report(tmp_path / "old", samples, meta)
+    assert "| 0.00 | - |" in (tmp_path / "old.md").read_text()
+    new = [dataclasses.replace(s, invented_events=2) for s in samples]
+    eval_target.write_report(tmp_path / "new", new, meta)
+    assert "| 0.00 | 2.00 |" in (tmp_path / "new.md").read_text()

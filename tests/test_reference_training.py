@@ -312,6 +312,7 @@ def test_long_stage_starts_from_the_caption_weights_resumes_exactly_and_is_expor
     assert [r["frames"] for r in logged if "loss" in r] and all(r["frames"] in (4, 6) for r in logged
                                                               if "loss" in r)
     assert [r["step"] for r in logged if "eval_score" in r] == [1, 2]
+    assert all(r["invented_events"] >= 0 for r in logged if "eval_score" in r)
     with pytest.raises(SystemExit, match="position reach 3000, not 0"):  # a stage keeps its reach
         rt.train_caption(runs[1], steps=3, **dict(long, pose_reach=0))
 

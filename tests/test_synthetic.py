@@ -283,11 +283,18 @@ def test_invented_objects_and_events_lower_the_score():
     absent = next(shape for shape in SHAPES if shape not in {o.shape for o in facts.objects})
     result = score_description(text + f" A small red {absent} also appears.", facts)
     assert result["hallucinated"] >= 1 and result["score"] < 1.0
-    # Saying a real object collides when nothing collides is a hallucination too.
+    assert result["invented_events"] == 0  # an invented shape, not an event of a real object
+    # Saying a real object collides when nothing collides is a hallucination too, and an event.
     first, second = facts.objects[0], facts.objects[1]
-    if not any(e.kind == "collide" for e in facts.events):
-        claim = f" The {first.colour} {first.shape} hits the {second.colour} {second.shape}."
-        assert score_description(text + claim, facts)["hallucinated"] == 1
+    assert not any(e.kind == "collide" for e in facts.events)
+    claim = f" The {first.colour} {first.shape} hits the {second.colour} {second.shape}."
+    result = score_description(text + claim, facts)
+    assert result["hallucinated"] == result["invented_events"] == 1
+    # So is an exit of an object that stays.
+    leaving = {e.object_ids[0] for e in facts.events if e.kind == "leave"}
+    stays = next(o for o in facts.objects if o.id not in leaving)
+    result = score_description(text + f" The {stays.colour} {stays.shape} leaves.", facts)
+    assert result["hallucinated"] == result["invented_events"] == 1
 
 
 def test_score_reads_paraphrases():

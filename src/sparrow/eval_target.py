@@ -60,6 +60,7 @@ class Sample:
     decode_s: float
     text: str
     model: str = ""  # the checkpoint that answered (a resumed run ignores other models' records)
+    invented_events: int | None = None  # of `hallucinated`, the events (None: a record from before)
 
 
 def distinct_ngrams(text: str, n: int = 4) -> float:
@@ -112,6 +113,7 @@ def evaluate_one(target: TargetAdapter, length: int, seed: int, cache: Path, max
         hallucinated=score["hallucinated"], by_kind=score["by_kind"], new_tokens=len(r.token_ids),
         distinct_4grams=distinct_ngrams(result.text), prefill_s=r.timings.prefill_s,
         decode_s=r.timings.decode_s, text=result.text, model=_model_id(target),
+        invented_events=score["invented_events"],
     )
 
 
@@ -141,6 +143,8 @@ def summarize(samples: list[Sample]) -> list[dict]:
             "score_min": min(s.score for s in group),
             "score_max": max(s.score for s in group),
             "hallucinated_per_video": statistics.mean(s.hallucinated for s in group),
+            "invented_events_per_video": (None if any(s.invented_events is None for s in group)
+                                          else statistics.mean(s.invented_events for s in group)),
             "new_tokens": statistics.median(s.new_tokens for s in group),
             "distinct_4grams": statistics.mean(s.distinct_4grams for s in group),
             "prefill_s": statistics.median(s.prefill_s for s in group),
@@ -220,13 +224,15 @@ def write_report(out: Path, samples: list[Sample], meta: dict, baseline: list[Sa
         "hallucinated objects or events), per video, averaged.",
         "",
         "| visual tokens | frames | videos | score (mean) | min | max | hallucinated / video | "
-        "answer tokens (median) | distinct 4-grams | prefill s (median) |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "of which events | answer tokens (median) | distinct 4-grams | prefill s (median) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
+        events = r["invented_events_per_video"]
         lines.append(
             f"| {r['num_visual_tokens']:,} | {r['num_frames']} | {r['videos']} | {r['score']:.3f} | "
             f"{r['score_min']:.2f} | {r['score_max']:.2f} | {r['hallucinated_per_video']:.2f} | "
+            f"{'-' if events is None else f'{events:.2f}'} | "
             f"{r['new_tokens']:.0f} | {r['distinct_4grams']:.2f} | {r['prefill_s']:.1f} |"
         )
     lines += ["", "Accuracy per kind of fact:", "",

@@ -759,11 +759,12 @@ def build_caption_model(eyes: Path, rank: int):
 
 
 def describe_score(model, tokenizer, facts_list, frames: np.ndarray, max_new_tokens: int = 200) -> dict:
-    """Greedy 'Describe the video in detail.' on each video; mean key-fact score and samples."""
+    """Greedy 'Describe the video in detail.' on each video; mean key-fact score, mean number
+    of invented events, accuracy per kind of fact and samples."""
     from sparrow.video.processing import VideoInputs
     from sparrow.video.prompt import render_chat
 
-    scores, samples, kinds = [], [], {}
+    scores, invented, samples, kinds = [], [], [], {}
     config = model.config
     side = reference.TOWER["image_size"]
     visual = count_visual_tokens(config, reference.PROCESSOR_CONFIG, frames.shape[1], side, side)
@@ -779,12 +780,14 @@ def describe_score(model, tokenizer, facts_list, frames: np.ndarray, max_new_tok
         text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
         score = synthetic.score_description(text, facts)
         scores.append(score["score"])
+        invented.append(score["invented_events"])
         samples.append({"seed": facts.seed, "score": score["score"], "text": text})
         for kind, (correct, total) in score["by_kind"].items():
             tally = kinds.setdefault(kind, [0, 0])
             tally[0], tally[1] = tally[0] + correct, tally[1] + total
     by_kind = {k: round(c / t, 3) for k, (c, t) in sorted(kinds.items()) if t}
-    return {"score": float(np.mean(scores)), "by_kind": by_kind, "samples": samples}
+    return {"score": float(np.mean(scores)), "invented_events": float(np.mean(invented)), "by_kind": by_kind,
+            "samples": samples}
 
 
 def autocast(device: str | torch.device = "cpu", native_bf16: bool | None = None):
@@ -912,7 +915,8 @@ def train_caption(run: Path, steps: int, budget: int, lr: float,
                 result = describe_score(model, tokenizer, [f for _, f in clips], pixels)
                 scores[num_frames] = result["score"]
                 _log(log, {"step": done, "eval_frames": num_frames, "eval_score": result["score"],
-                           "by_kind": result["by_kind"], "samples": result["samples"][:2]})
+                           "invented_events": result["invented_events"], "by_kind": result["by_kind"],
+                           "samples": result["samples"][:2]})
             tqdm.write(f"{stage} step {done}: held-out key-fact score by frames {scores}")
         if done == stop_at:
             break

@@ -1458,8 +1458,10 @@ def _count_claims(tokens: list[str]) -> list[tuple[str, int]]:
 def score_description(text: str, facts: VideoFacts) -> dict:
     """Key-fact accuracy of a free-form description against the ground truth.
 
-    Returns {"score", "correct", "total", "hallucinated", "by_kind": {kind: [correct, total]},
-    "facts": [(statement, correct)]}, with score = correct / (total + hallucinated) in [0, 1].
+    Returns {"score", "correct", "total", "hallucinated", "invented_events", "by_kind": {kind:
+    [correct, total]}, "facts": [(statement, correct)]}, with score = correct / (total +
+    hallucinated) in [0, 1]; `invented_events` is the part of `hallucinated` that is events
+    (entries, exits, colour changes, collisions), the rest being invented shapes.
 
     Matching is lexical and deliberately simple (lower-cased words, after rewriting a few
     phrases such as 'shows up' -> 'appears', "doesn't move" -> still, 'left the scene' ->
@@ -1552,17 +1554,21 @@ def score_description(text: str, facts: VideoFacts) -> dict:
             )
         results.append((fact, ok))
 
-    hallucinated = len({m.shape for m in parsed.mentions if m.shape not in {o.shape for o in facts.objects}})
+    shapes = {o.shape for o in facts.objects}
+    invented_objects = len({m.shape for m in parsed.mentions if m.shape not in shapes})
     true_kinds = {(e.kind, i) for e in facts.events for i in e.object_ids}
-    for kind, event_kind in (("enter", "enter"), ("leave", "leave"), ("change", "change_colour")):
-        hallucinated += len({i for (k, i) in claims_for if k == kind and (event_kind, i) not in true_kinds})
+    invented_events = sum(
+        len({i for (k, i) in claims_for if k == kind and (event_kind, i) not in true_kinds})
+        for kind, event_kind in (("enter", "enter"), ("leave", "leave"), ("change", "change_colour"))
+    )
     colliding = [set(e.object_ids) for e in facts.events if e.kind == "collide"]
     false_collisions = {
         c.object_ids
         for c in parsed.claims
         if c.kind == "collide" and not any(pair <= c.object_ids for pair in colliding)
     }
-    hallucinated += len(false_collisions)
+    invented_events += len(false_collisions)
+    hallucinated = invented_objects + invented_events
 
     correct = sum(ok for _, ok in results)
     by_kind: dict[str, list[int]] = {}
@@ -1575,6 +1581,7 @@ def score_description(text: str, facts: VideoFacts) -> dict:
         "correct": correct,
         "total": len(results),
         "hallucinated": hallucinated,
+        "invented_events": invented_events,
         "by_kind": by_kind,
         "facts": [(fact.text, ok) for fact, ok in results],
     }
