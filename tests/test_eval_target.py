@@ -95,7 +95,8 @@ def test_records_of_another_checkpoint_are_not_reused(tiny, tmp_path):
 
 def _sample(length, seed, score, model="m"):
     return eval_target.Sample(length=length, seed=seed, num_frames=4, num_visual_tokens=length - 3,
-                              score=score, correct=0, total=1, hallucinated=0, by_kind={}, new_tokens=1,
+                              score=score, correct=0, total=1, hallucinated=0, invented_events=0,
+                              by_kind={}, new_tokens=1,
                               distinct_4grams=1.0, prefill_s=0.0, decode_s=0.0, text="", model=model)
 
 
@@ -176,18 +177,22 @@ def test_evaluations_side_by_side_share_the_video_cache(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == [f"{synthetic.EVAL_SEED_START}-24.mp4"]
 
 
-def test_records_from_before_events_were_counted_still_load_and_report(tmp_path):
-    """Result files written before `invented_events` existed: the baseline loads, the column is '-'."""
-    old = tmp_path / "old.jsonl"
-    record = asdict(_sample(40, 1, 0.5))
+def test_records_from_before_events_were_counted_get_them_counted_from_their_text(tmp_path):
+    """Result files written before `invented_events` existed (the shipped weights' baseline):
+    the count comes from the answer's text against the regenerated ground truth."""
+    seed, frames = synthetic.EVAL_SEED_START, 31
+    facts = synthetic.scene_facts(synthetic.generate_scene(seed, frames, eval_target.FRAME_SIZE,
+                                                           eval_target.FRAME_SIZE, eval_target.FPS))
+    leaving = {e.object_ids[0] for e in facts.events if e.kind == "leave"}
+    stays = next(o for o in facts.objects if o.id not in leaving)
+    text = synthetic.describe(facts, 0) + f" The {stays.colour} {stays.shape} leaves."
+    record = asdict(dataclasses.replace(_sample(40, seed, 0.5), num_frames=frames, text=text))
     del record["invented_events"]
+    old = tmp_path / "old.jsonl"
     old.write_text(json.dumps(record) + "\n")
     samples = eval_target.load_records(old)
-    assert samples[0].invented_events is None
-    assert eval_target.summarize(samples)[0]["invented_events_per_video"] is None
+    assert samples[0].invented_events == 1
+    assert eval_target.summarize(samples)[0]["invented_events_per_video"] == 1
     meta = {"target": "t", "date": "d", "device": "cpu", "command": "c", "max_new_tokens": 1}
     eval_target.write_report(tmp_path / "old", samples, meta)
-    assert "| 0.00 | - |" in (tmp_path / "old.md").read_text()
-    new = [dataclasses.replace(s, invented_events=2) for s in samples]
-    eval_target.write_report(tmp_path / "new", new, meta)
-    assert "| 0.00 | 2.00 |" in (tmp_path / "new.md").read_text()
+    assert "| 0.00 | 1.00 |" in (tmp_path / "old.md").read_text()

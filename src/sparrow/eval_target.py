@@ -53,6 +53,7 @@ class Sample:
     correct: int
     total: int
     hallucinated: int
+    invented_events: int  # of `hallucinated`, the events (the rest: invented shapes)
     by_kind: dict  # kind -> [correct, total]
     new_tokens: int
     distinct_4grams: float  # distinct / total word 4-grams of the answer (1.0: no repetition)
@@ -60,7 +61,6 @@ class Sample:
     decode_s: float
     text: str
     model: str = ""  # the checkpoint that answered (a resumed run ignores other models' records)
-    invented_events: int | None = None  # of `hallucinated`, the events (None: a record from before)
 
 
 def distinct_ngrams(text: str, n: int = 4) -> float:
@@ -143,8 +143,7 @@ def summarize(samples: list[Sample]) -> list[dict]:
             "score_min": min(s.score for s in group),
             "score_max": max(s.score for s in group),
             "hallucinated_per_video": statistics.mean(s.hallucinated for s in group),
-            "invented_events_per_video": (None if any(s.invented_events is None for s in group)
-                                          else statistics.mean(s.invented_events for s in group)),
+            "invented_events_per_video": statistics.mean(s.invented_events for s in group),
             "new_tokens": statistics.median(s.new_tokens for s in group),
             "distinct_4grams": statistics.mean(s.distinct_4grams for s in group),
             "prefill_s": statistics.median(s.prefill_s for s in group),
@@ -159,6 +158,11 @@ def _read_samples(path: Path) -> list[Sample]:
         records = json.loads(path.read_text())["samples"]
     else:
         records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    for r in records:
+        if "invented_events" not in r:  # written before events were counted apart: count them now
+            scene = synthetic.generate_scene(r["seed"], r["num_frames"], FRAME_SIZE, FRAME_SIZE, FPS)
+            r["invented_events"] = synthetic.score_description(r["text"], synthetic.scene_facts(scene))[
+                "invented_events"]
     return [Sample(**r) for r in records]
 
 
@@ -228,11 +232,10 @@ def write_report(out: Path, samples: list[Sample], meta: dict, baseline: list[Sa
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        events = r["invented_events_per_video"]
         lines.append(
             f"| {r['num_visual_tokens']:,} | {r['num_frames']} | {r['videos']} | {r['score']:.3f} | "
             f"{r['score_min']:.2f} | {r['score_max']:.2f} | {r['hallucinated_per_video']:.2f} | "
-            f"{'-' if events is None else f'{events:.2f}'} | "
+            f"{r['invented_events_per_video']:.2f} | "
             f"{r['new_tokens']:.0f} | {r['distinct_4grams']:.2f} | {r['prefill_s']:.1f} |"
         )
     lines += ["", "Accuracy per kind of fact:", "",
