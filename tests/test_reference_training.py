@@ -366,7 +366,8 @@ def test_a_sitting_continues_from_exported_weights(shard, tmp_path):
     precision = "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
     assert logged[0] == {"step": 1, "start": {"cpu": torch.backends.cpu.get_cpu_capability(), "threads":
                                               torch.get_num_threads(), "precision": precision,
-                                              "fresh_optimizer_at": [0, 1], "pose_reach": 0}}
+                                              "fresh_optimizer_at": [0, 1], "pose_reach": 0,
+                                              "frames": "4:2,8:3,12:2,16:2,24:1,32:1,48:1,64:1"}}
     logged = logged[1:]
     assert [r["step"] for r in logged] == [2, 3]
     for record in logged:  # step s (1-based) is schedule step s - 1, re-warmed from step 1
@@ -635,6 +636,7 @@ def test_long_stage_clip_lengths_are_given_as_frames_and_weights(capsys):
     parser = rt.build_parser()
     assert parser.parse_args(["run"]).long_frames == rt.LONG_FRAMES
     assert parser.parse_args(["run", "--long-frames", "8:3, 384:1"]).long_frames == {8: 3, 384: 1}
+    assert rt.frame_weights(rt.frame_spec(rt.LONG_FRAMES)) == rt.LONG_FRAMES  # the form logs record
     for bad in ("8", "8:0", "x:1", ""):
         with pytest.raises(SystemExit):
             parser.parse_args(["run", "--long-frames", bad])

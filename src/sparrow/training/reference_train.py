@@ -872,7 +872,8 @@ def train_caption(run: Path, steps: int, budget: int, lr: float,
     gpu = {"gpu": torch.cuda.get_device_name(device)} if torch.device(device).type == "cuda" else {}
     _log(log, {"step": start, "start": {"cpu": torch.backends.cpu.get_cpu_capability(),
                                         "threads": torch.get_num_threads(), **gpu, "precision": precision,
-                                        "fresh_optimizer_at": fresh, "pose_reach": pose_reach, **warm}})
+                                        "fresh_optimizer_at": fresh, "pose_reach": pose_reach,
+                                        "frames": frame_spec(frames or CAPTION_FRAMES), **warm}})
     resize = _resize_fn()
     scratch = Path(tempfile.mkdtemp(prefix="sparrow-caption-"))
     side = reference.TOWER["image_size"]
@@ -1056,6 +1057,11 @@ def frame_weights(spec: str) -> dict[int, int]:
     return weights
 
 
+def frame_spec(weights: dict[int, int]) -> str:
+    """{8: 1, 384: 2} -> "8:1,384:2", the form `frame_weights` reads."""
+    return ",".join(f"{f}:{w}" for f, w in weights.items())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -1082,7 +1088,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--long-lr", type=float, default=1.5e-4, help="LoRA learning rate, long stage")
     parser.add_argument("--long-frames", type=frame_weights, default=LONG_FRAMES, metavar="F:W,...",
                         help="long stage: clip lengths in frames and their weights (default "
-                             + ",".join(f"{f}:{w}" for f, w in LONG_FRAMES.items()) + ")")
+                             + frame_spec(LONG_FRAMES) + ")")
     parser.add_argument("--long-projector-lr", type=float, default=1e-4)
     parser.add_argument("--long-pose-reach", type=int, default=LONG_POSE_REACH, metavar="POSITIONS",
                         help="long stage: half the rows get position ids spread up to POSITIONS "
