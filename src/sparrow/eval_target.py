@@ -86,11 +86,16 @@ def _tokens(target: TargetAdapter, frames: int) -> int:
     return count_visual_tokens(target.config, target.processor_config, frames, FRAME_SIZE, FRAME_SIZE)
 
 
+def eval_scene(seed: int, num_frames: int) -> synthetic.Scene:
+    """The evaluation scene of `seed` at `num_frames` frames: what `video_for` renders and scores."""
+    return synthetic.generate_scene(seed, num_frames, FRAME_SIZE, FRAME_SIZE, FPS)
+
+
 def video_for(seed: int, num_frames: int, cache: Path) -> tuple[Path, synthetic.VideoFacts]:
     """The evaluation video of `seed` at `num_frames` frames (rendered once into `cache`)."""
     cache.mkdir(parents=True, exist_ok=True)
     path = cache / f"{seed}-{num_frames}.mp4"
-    scene = synthetic.generate_scene(seed, num_frames, FRAME_SIZE, FRAME_SIZE, FPS)
+    scene = eval_scene(seed, num_frames)
     if not path.is_file():  # evaluations running side by side may render it at once: each its own file
         partial = cache / f"{seed}-{num_frames}.{os.getpid()}.partial.mp4"
         synthetic.write_scene(scene, partial)
@@ -160,9 +165,8 @@ def _read_samples(path: Path) -> list[Sample]:
         records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     for r in records:
         if "invented_events" not in r:  # written before events were counted apart: count them now
-            scene = synthetic.generate_scene(r["seed"], r["num_frames"], FRAME_SIZE, FRAME_SIZE, FPS)
-            r["invented_events"] = synthetic.score_description(r["text"], synthetic.scene_facts(scene))[
-                "invented_events"]
+            facts = synthetic.scene_facts(eval_scene(r["seed"], r["num_frames"]))
+            r["invented_events"] = synthetic.score_description(r["text"], facts)["invented_events"]
     return [Sample(**r) for r in records]
 
 
