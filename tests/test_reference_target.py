@@ -121,9 +121,10 @@ def videos(tmp_path_factory):
 def test_it_names_the_colours_and_shapes_it_sees(target, videos):
     """On unseen synthetic videos the description names objects with their true colour and
     shape (the `object` key facts). A description that ignores the video gets about 0.05 of
-    them (one shape word in three, one colour in eight). The shipped weights (run v5,
-    MODEL_CARD.md) get 13/14 here (2026-11-28, AVX-512 EPYC; v4 14/14, 5/14 early in v4's
-    caption stage); the bar leaves room for another CPU's rounding to change a greedy word or two."""
+    them (one shape word in three, one colour in eight). The shipped weights (run v5 at long
+    step 300, MODEL_CARD.md) get 14/14 here (2026-12-05, AVX-512 EPYC; v5 at step 200 13/14, v4
+    14/14, 5/14 early in v4's caption stage); the bar leaves room for another CPU's rounding to
+    change a greedy word or two."""
     correct = total = invented = 0
     for path, facts in videos:
         text = answer(target, "Describe the video in detail.", path, num_frames=8, max_new_tokens=160).text
