@@ -442,6 +442,24 @@ def test_a_caption_stage_on_new_eyes_can_start_from_an_earlier_adapter(shard, tm
         rt.main([str(other), "--continue-from", str(weights), "--lora-from", str(weights)])
 
 
+def test_continuing_a_long_stage_file_goes_on_with_the_long_stage_alone(tmp_path, monkeypatch):
+    """A file past its caption stage (v5: 1,000 caption steps, fewer than --caption-steps'
+    default) must not reopen that stage: `--continue-from FILE` trains the long stage, then
+    exports; `--stage caption` with such a file says what to run instead."""
+    ran, run = [], [str(tmp_path / "run"), "--continue-from", str(tmp_path / "w.safetensors")]
+    monkeypatch.setattr(rt, "continue_from", lambda weights, run, rank: "long")
+    monkeypatch.setattr(rt, "train_caption", lambda run, steps, *a, stage="caption", **k: ran.append(stage))
+    monkeypatch.setattr(rt, "export", lambda run, out: ran.append("export") or out)
+    rt.main([*run, "--long-steps", "300"])
+    assert ran == ["long", "export"]
+    with pytest.raises(SystemExit, match="past its caption stage; go on with --stage long"):
+        rt.main([*run, "--stage", "caption"])
+    monkeypatch.setattr(rt, "continue_from", lambda weights, run, rank: "caption")
+    ran.clear()
+    rt.main(run)
+    assert ran == ["caption", "long", "export"]  # a caption-stage file goes on through both
+
+
 def test_missing_weights_say_how_to_make_them(tmp_path):
     from sparrow.errors import CheckpointError
 

@@ -1128,12 +1128,16 @@ def main(argv: list[str] | None = None) -> None:
     if args.continue_from and args.lora_from:
         raise SystemExit("--lora-from starts a new caption stage; --continue-from goes on with the file's "
                          "own stage (its LoRA included): give one of them")
+    continued = None  # the stage a --continue-from file goes on with
     if args.continue_from:
         if args.stage in ("corpus", "eyes", "align"):
             raise SystemExit("--continue-from starts after the eyes and align stages, "
                              f"not at --stage {args.stage}")
-        print(f"{args.run}: continuing the {continue_from(args.continue_from, args.run, args.rank)} stage "
-              f"of {args.continue_from}", flush=True)
+        continued = continue_from(args.continue_from, args.run, args.rank)
+        if continued == "long" and args.stage == "caption":
+            raise SystemExit(f"--continue-from {args.continue_from}: it is past its caption stage; "
+                             "go on with --stage long (and a larger --long-steps)")
+        print(f"{args.run}: continuing the {continued} stage of {args.continue_from}", flush=True)
     elif args.stage in ("corpus", "eyes", "align", "all"):
         train, val = ensure_corpus(args.run / "corpus", args.train_shards)
     if args.stage in ("eyes", "all") and not args.continue_from:
@@ -1142,7 +1146,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.stage in ("align", "all") and not args.continue_from:
         train_align(args.run, train, val, args.align_steps, args.eyes_batch, args.align_lr, args.seed,
                     args.eval_every)
-    if args.stage in ("caption", "all"):
+    if args.stage in ("caption", "all") and continued != "long":  # a long-stage file's caption stage is over
         train_caption(args.run, args.caption_steps, args.caption_tokens, args.lr, args.projector_lr,
                       args.rank, args.seed, args.save_every, args.eval_every, device=args.device,
                       workers=args.workers, lora_weights=args.lora_from)
