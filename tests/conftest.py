@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from sparrow.targets.llava import prompt_positions, video_position_step
 from sparrow.testing import FAMILIES, processor_config, tiny_model, tiny_tokenizer
 
 torch.set_num_threads(1)  # tiny models: threads only add overhead (and CI shares 2 cores)
@@ -72,6 +73,9 @@ def reference_generate(target, input_ids, video, max_new_tokens: int, eos_token_
         from sparrow.video.prompt import mm_token_type_ids
 
         kwargs["mm_token_type_ids"] = mm_token_type_ids(input_ids, model.config)
+    elif video_position_step(model.config) != 1:  # transformers takes them; it numbers on by 1
+        kwargs["position_ids"] = prompt_positions(input_ids, target.video_token_id(),
+                                                  video_position_step(model.config))[0].to(model.device)
     text_config = model.config.get_text_config()
     attention = text_config._attn_implementation
     text_config._attn_implementation = "sdpa"  # the reference runs transformers' own kernel

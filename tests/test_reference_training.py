@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from sparrow import reference, smollm2
+from sparrow.targets.llava import prompt_positions, video_position_step
 from sparrow.training import reference_data as data
 from sparrow.training import reference_train as rt
 from sparrow.video import synthetic
@@ -270,7 +271,8 @@ def test_caption_training_resumes_exactly_and_exports_mergeable_weights(shard, t
     model, _, processor = reference.build_shipped(weights)
     # the file records the shapes it was trained for, and assembly follows them
     assert reference.weights_setup(weights) == (reference.TOWER, reference.ROPE_SCALING,
-                                                reference.PROCESSOR_CONFIG)
+                                                reference.PROCESSOR_CONFIG, reference.VIDEO_POSITION_STEP)
+    assert video_position_step(model.config) == reference.VIDEO_POSITION_STEP
     assert processor == reference.PROCESSOR_CONFIG
     from transformers import AutoModelForCausalLM
 
@@ -315,6 +317,8 @@ def test_long_stage_starts_from_the_caption_weights_resumes_exactly_and_is_expor
     assert all(r["invented_events"] >= 0 for r in logged if "eval_score" in r)
     with pytest.raises(SystemExit, match="position reach 3000, not 0"):  # a stage keeps its reach
         rt.train_caption(runs[1], steps=3, **dict(long, pose_reach=0))
+    with pytest.raises(SystemExit, match="video position step 0.25, not 1.0"):  # ... and its positions
+        rt.train_caption(runs[1], steps=3, **dict(long, video_position_step=1.0))
 
     from safetensors import safe_open
 
@@ -322,6 +326,7 @@ def test_long_stage_starts_from_the_caption_weights_resumes_exactly_and_is_expor
     with safe_open(str(weights), "pt") as file:
         assert file.metadata()["caption_steps"] == "1" and file.metadata()["long_steps"] == "2"
         assert file.metadata()["long_pose_reach"] == "3000" and "caption_pose_reach" not in file.metadata()
+        assert file.metadata()["video_position_step"] == "0.25" == str(reference.VIDEO_POSITION_STEP)
         key = next(k for k in a["trainable"] if "lora_B" in k)
         layer, _, rest = key.partition(".lora_")
         torch.testing.assert_close(file.get_tensor(f"{layer}.lora_{rest[0]}"),
@@ -367,6 +372,7 @@ def test_a_sitting_continues_from_exported_weights(shard, tmp_path):
     assert logged[0] == {"step": 1, "start": {"cpu": torch.backends.cpu.get_cpu_capability(), "threads":
                                               torch.get_num_threads(), "precision": precision,
                                               "fresh_optimizer_at": [0, 1], "pose_reach": 0,
+                                              "video_position_step": 0.25,
                                               "frames": "4:2,8:3,12:2,16:2,24:1,32:1,48:1,64:1"}}
     logged = logged[1:]
     assert [r["step"] for r in logged] == [2, 3]
@@ -380,6 +386,12 @@ def test_a_sitting_continues_from_exported_weights(shard, tmp_path):
     with safe_open(str(rt.export(straight, tmp_path / "sitting-2.safetensors")), "pt") as file:
         assert file.metadata()["caption_steps"] == "3"
         assert file.metadata()["caption_fresh_optimizer_at"] == "0,1"
+    # a sitting may go on with other video positions (same weights; the export records the new step)
+    assert rt.continue_from(weights, tmp_path / "plain", rank=2, video_position_step=1.0) == "caption"
+    assert torch.load(tmp_path / "plain" / "caption.pt", weights_only=True)["video_position_step"] == 1.0
+    with safe_open(str(rt.export(tmp_path / "plain", tmp_path / "plain.safetensors")), "pt") as file:
+        assert file.metadata()["video_position_step"] == "1.0"
+    assert reference.weights_setup(tmp_path / "plain.safetensors")[3] == 1.0
     with pytest.raises(SystemExit, match="--rank 4"):
         rt.continue_from(weights, tmp_path / "other", rank=4)
     with pytest.raises(SystemExit, match="no such file"):
@@ -447,14 +459,14 @@ def test_continuing_a_long_stage_file_goes_on_with_the_long_stage_alone(tmp_path
     default) must not reopen that stage: `--continue-from FILE` trains the long stage, then
     exports; `--stage caption` with such a file says what to run instead."""
     ran, run = [], [str(tmp_path / "run"), "--continue-from", str(tmp_path / "w.safetensors")]
-    monkeypatch.setattr(rt, "continue_from", lambda weights, run, rank: "long")
+    monkeypatch.setattr(rt, "continue_from", lambda weights, run, rank, step, reach: "long")
     monkeypatch.setattr(rt, "train_caption", lambda run, steps, *a, stage="caption", **k: ran.append(stage))
     monkeypatch.setattr(rt, "export", lambda run, out: ran.append("export") or out)
     rt.main([*run, "--long-steps", "300"])
     assert ran == ["long", "export"]
     with pytest.raises(SystemExit, match="past its caption stage; go on with --stage long"):
         rt.main([*run, "--stage", "caption"])
-    monkeypatch.setattr(rt, "continue_from", lambda weights, run, rank: "caption")
+    monkeypatch.setattr(rt, "continue_from", lambda weights, run, rank, step, reach: "caption")
     ran.clear()
     rt.main(run)
     assert ran == ["caption", "long", "export"]  # a caption-stage file goes on through both
@@ -498,26 +510,36 @@ def test_skip_positions_keep_order_and_pieces_and_reach_the_distances_asked_for(
     assert farthest > 950  # relative distances near the whole reach are trained
 
 
-def test_pose_batches_are_the_same_conversations_with_some_rows_spread(tokenizer, tmp_path):
-    config = reference.reference_config(reference.TOWER, reference.ROPE_SCALING)
+@pytest.mark.parametrize("video_step", [1.0, 0.25])
+def test_pose_batches_are_the_same_conversations_with_some_rows_spread(tokenizer, tmp_path, video_step):
+    """Rows carry the positions inference gives their prompt (`prompt_positions`: visual tokens
+    advance by the model's video position step), and PoSE moves some rows on inside the video."""
+    config = reference.reference_config(reference.TOWER, reference.ROPE_SCALING, video_step)
     resize = rt._resize_fn()
     spread = plain = 0
     for step in range(4):
         args = (tokenizer, config, resize, tmp_path, 1, step, 900, 16, {4: 1}, "long")
         batch, without = rt._caption_batch(*args, pose_reach=5000), rt._caption_batch(*args)
-        assert "position_ids" not in without
+        assert ("position_ids" in without) == (video_step != 1)
         for key, value in without.items():
-            assert torch.equal(batch[key], value), key
+            if key != "position_ids":
+                assert torch.equal(batch[key], value), key
         for row, length in enumerate(batch["attention_mask"].sum(dim=1).tolist()):
+            ids = batch["input_ids"][row, :length]
+            own = prompt_positions(ids, config.video_token_index, video_step)[0][0]
             positions = batch["position_ids"][row, :length]
-            if torch.equal(positions, torch.arange(length)):
+            if video_step != 1:
+                assert torch.equal(without["position_ids"][row, :length], own)
+            if torch.equal(positions, own):
                 plain += 1
             else:
                 spread += 1
-                assert int(positions[-1]) < 5000 and (positions[1:] > positions[:-1]).all()
-                video = (batch["input_ids"][row] == config.video_token_index).nonzero()[:, 0]
-                cut = int((positions[1:] - positions[:-1] != 1).nonzero()[0]) + 1
+                assert float(positions[-1]) < 5000 and (positions[1:] > positions[:-1]).all()
+                video = (ids == config.video_token_index).nonzero()[:, 0]
+                jump = positions - own
+                cut = int((jump[1:] != jump[:-1]).nonzero()[0]) + 1
                 assert video[0] < cut <= video[-1]  # frames are skipped, never words
+                assert (jump[cut:] == jump[cut]).all() and jump[cut] > 0  # one skip (2 pieces)
     assert spread and plain  # POSE_SHARE of the rows, not all or none
 
 
@@ -628,8 +650,11 @@ def test_caption_loss_of_a_padded_batch_is_that_of_its_conversations_alone(shard
             changed = dict(batch, input_ids=batch["input_ids"].clone())
             changed["input_ids"][:, 0] = tokenizer.convert_tokens_to_ids("!")  # first token of every row
             moved = (rt.language_states(model, changed) - states).abs().amax(dim=-1)  # (B, L)
+            step = video_position_step(model.config)
             for row, length in enumerate(lengths.tolist()):
-                cut = int((positions[row, 1:length] - positions[row, : length - 1] != 1).nonzero()[0]) + 1
+                own = prompt_positions(batch["input_ids"][row, :length], model.config.video_token_index, step)
+                jump = positions[row, :length] - own[0][0]  # the skip PoSE added
+                cut = int((jump[1:] != jump[:-1]).nonzero()[0]) + 1
                 assert (moved[row, cut:length] > 1e-4).all(), (row, cut)
         total, count = 0.0, 0
         for row, length in enumerate(lengths.tolist()):
@@ -646,8 +671,20 @@ def test_caption_loss_of_a_padded_batch_is_that_of_its_conversations_alone(shard
 
 def test_the_long_stage_spreads_positions_by_default_and_can_be_told_not_to():
     parser = rt.build_parser()
-    assert parser.parse_args(["run"]).long_pose_reach == rt.LONG_POSE_REACH == 26000
+    assert parser.parse_args(["run"]).long_pose_reach == rt.LONG_POSE_REACH == 7000
+    # ... which covers a 25,600-token video at the default video position step, with its prompt
+    assert 25_600 * reference.VIDEO_POSITION_STEP + 300 < rt.LONG_POSE_REACH
     assert parser.parse_args(["run", "--long-pose-reach", "0"]).long_pose_reach == 0
+
+
+def test_the_video_position_step_is_the_reference_targets_unless_told(capsys):
+    parser = rt.build_parser()
+    assert parser.parse_args(["run"]).video_position_step == reference.VIDEO_POSITION_STEP == 0.25
+    assert parser.parse_args(["run", "--video-position-step", "1"]).video_position_step == 1.0
+    for bad in ("0", "1.5", "0.3", "x"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["run", "--video-position-step", bad])
+        assert "--video-position-step" in capsys.readouterr().err
 
 
 def test_long_stage_clip_lengths_are_given_as_frames_and_weights(capsys):

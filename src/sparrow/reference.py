@@ -50,6 +50,14 @@ TEMPORAL_PARTS = 8
 # Static YaRN x4 over SmolLM2's 8192 training context: one scheme at every length, so cached keys
 # and tree queries agree (a length-dependent scheme would not).
 ROPE_SCALING = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8192}
+# Video positions: each visual token advances the rotary position by 1/4 (a frame's 16 tokens
+# span 4 positions), text tokens by 1 (config attribute `sparrow_video_position_step`, see
+# sparrow.targets.llava), so the longest benchmark video (25,585 visual tokens) spans ~6,400
+# positions, inside SmolLM2's 8,192-token training context. Measured (MODEL_CARD.md, "Video
+# positions"): the step-1 weights read 6k- and 25k-token videos as well with it as without it
+# before any training with it; an 80-step long-stage sitting with it then read 6,129-token
+# videos at 0.811 against 0.733 (+0.078, se 0.061, 16 held-out videos), short ones the same.
+VIDEO_POSITION_STEP = 0.25
 PROCESSOR_CONFIG = {
     "image_mean": [0.5, 0.5, 0.5],
     "image_std": [0.5, 0.5, 0.5],
@@ -79,9 +87,13 @@ CHAT_TEMPLATE = (
 )
 
 
-def reference_config(vision: dict, rope_scaling: dict | None = None):
-    """LlavaOnevisionConfig: SmolLM2's text config, a SigLIP-shaped tower of `vision`."""
+def reference_config(vision: dict, rope_scaling: dict | None = None, video_position_step: float = 1.0):
+    """LlavaOnevisionConfig: SmolLM2's text config, a SigLIP-shaped tower of `vision`, visual
+    tokens advancing the position by `video_position_step` (`sparrow.targets.llava`)."""
     from transformers import AutoConfig, AutoTokenizer, LlavaOnevisionConfig
+
+    from sparrow.targets.llava import VIDEO_POSITION_STEP as STEP_KEY
+    from sparrow.targets.llava import video_position_step as checked_step
 
     directory = smollm2.checkpoint()
     text = AutoConfig.from_pretrained(directory).to_dict()
@@ -90,7 +102,7 @@ def reference_config(vision: dict, rope_scaling: dict | None = None):
     if rope_scaling is not None:
         text["rope_parameters"] = {**text.get("rope_parameters", {}), **rope_scaling}
     tokenizer = AutoTokenizer.from_pretrained(directory)
-    return LlavaOnevisionConfig(
+    config = LlavaOnevisionConfig(
         text_config=text,
         vision_config={"model_type": "siglip_vision_model", **vision},
         vision_feature_layer=-1,
@@ -99,6 +111,10 @@ def reference_config(vision: dict, rope_scaling: dict | None = None):
         video_token_index=tokenizer.convert_tokens_to_ids(VIDEO_TOKEN),
         tie_word_embeddings=text.get("tie_word_embeddings", True),
     )
+    if video_position_step != 1:
+        setattr(config, STEP_KEY, video_position_step)
+        checked_step(config)
+    return config
 
 
 def build_reference(
@@ -106,6 +122,7 @@ def build_reference(
     tower_state: dict[str, torch.Tensor] | None = None,
     rope_scaling: dict | None = None,
     seed: int = 0,
+    video_position_step: float = 1.0,
 ):
     """(model, tokenizer): SmolLM2 loaded into LLaVA-OneVision with a `vision` tower.
 
@@ -117,7 +134,8 @@ def build_reference(
     directory = smollm2.checkpoint()
     language = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
     torch.manual_seed(seed)
-    model = LlavaOnevisionForConditionalGeneration(reference_config(vision, rope_scaling))
+    config = reference_config(vision, rope_scaling, video_position_step)
+    model = LlavaOnevisionForConditionalGeneration(config)
     model.model.language_model.load_state_dict(language.model.state_dict(), strict=True)
     model.lm_head.load_state_dict(language.lm_head.state_dict())
     if model.config.tie_word_embeddings:
@@ -167,12 +185,12 @@ def merge_lora(model, lora: dict, scale: float, sign: float = 1.0) -> None:
             weight += sign * scale * (b.to(torch.float32) @ a.to(torch.float32)).to(weight.dtype)
 
 
-def weights_setup(path: Path = WEIGHTS_FILE) -> tuple[dict, dict | None, dict]:
-    """(tower, rope_scaling, processor config) a weights file was trained with, from its
-    metadata (the export records them), so weights always assemble into the model they were
-    trained as, whatever this module's defaults are. Files from before the processor was
+def weights_setup(path: Path = WEIGHTS_FILE) -> tuple[dict, dict | None, dict, float]:
+    """(tower, rope_scaling, processor config, video position step) a weights file is for,
+    from its metadata (the export records them), so weights always assemble into the model they
+    were trained as, whatever this module's defaults are. Files from before the processor was
     recorded: this module's PROCESSOR_CONFIG, without temporal differences for a 3-channel
-    tower (the processor of that time)."""
+    tower (the processor of that time); from before the video position step: 1."""
     from safetensors import safe_open
 
     with safe_open(str(path), "pt") as f:
@@ -182,15 +200,16 @@ def weights_setup(path: Path = WEIGHTS_FILE) -> tuple[dict, dict | None, dict]:
     processor = dict(PROCESSOR_CONFIG)
     if tower.get("num_channels", 3) == 3:  # from before temporal differences
         processor.pop("sparrow_temporal_difference")
-    return tower, read("rope_scaling", ROPE_SCALING), read("processor", processor)
+    step = read("video_position_step", 1.0)
+    return tower, read("rope_scaling", ROPE_SCALING), read("processor", processor), step
 
 
 def build_shipped(path: Path = WEIGHTS_FILE):
     """(model, tokenizer, processor config) of the reference target, from SmolLM2 and the
     weights in `path`."""
     state, lora, scale = read_weights(path)
-    tower, rope_scaling, processor = weights_setup(path)
-    model, tokenizer = build_reference(tower, state, rope_scaling)
+    tower, rope_scaling, processor, step = weights_setup(path)
+    model, tokenizer = build_reference(tower, state, rope_scaling, video_position_step=step)
     merge_lora(model, lora, scale)
     return model, tokenizer, processor
 

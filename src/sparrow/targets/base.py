@@ -55,7 +55,7 @@ class PrefixState:
     values: list[torch.Tensor]  # per layer (1, kv_heads, P, head_dim)
     hidden: torch.Tensor  # (P, d) last hidden states (what the draft is started from)
     visual_mask: torch.Tensor  # (P,) bool
-    position_offset: int  # rotary position of cache slot i is i + position_offset
+    position_offset: float  # rotary position of cache slot i is i + position_offset
     video_fingerprint: str | None = None  # content hash of the video's pixel inputs
 
     def nbytes(self) -> int:
@@ -107,7 +107,9 @@ class TargetAdapter:
         self.hidden_size: int = self.text_config.hidden_size
         self.vocab_size: int = self.text_config.vocab_size
         self.cache: StaticKVCache | None = None
-        self.position_offset = 0  # rotary position of cache slot i is i + position_offset
+        # rotary position of cache slot i is i + position_offset (int for integer schemes; a
+        # float for LLaVA models with a fractional video position step, see targets.llava)
+        self.position_offset: float = 0
         self.prompt: PrefillOutput | None = None  # the last prefilled prompt
         self._prompt_video: str | None = None  # fingerprint of its video
 
@@ -118,7 +120,7 @@ class TargetAdapter:
 
     def _prompt_positions(
         self, input_ids: torch.Tensor, video: VideoInputs | None
-    ) -> tuple[torch.Tensor, int]:
+    ) -> tuple[torch.Tensor, float]:
         """Positions of the prompt ((1, L) or (3, 1, L)) and the offset of later text tokens."""
         raise NotImplementedError
 
@@ -143,7 +145,7 @@ class TargetAdapter:
         return 0 if self.cache is None else self.cache.length
 
     @property
-    def next_position(self) -> int:
+    def next_position(self) -> float:
         return self.cache_length + self.position_offset
 
     @property

@@ -46,7 +46,9 @@ data as an uninterrupted one):
    stage is short and comes last. `--long-pose-reach N` spreads half the rows' position ids up
    to N (`skip_positions`, PoSE; default `LONG_POSE_REACH`), so that ~6k-token steps also meet
    the relative distances of a 25k-token video: measured against consecutive positions, it read
-   6k- and 25k-token videos better and 1.5k-token ones as well.
+   6k- and 25k-token videos better and 1.5k-token ones as well. Visual tokens advance the
+   position by `--video-position-step` (default 1/4, `reference.VIDEO_POSITION_STEP`) in these
+   stages as at inference.
 3. `export`: write the shipped weights (tower, projector, newline, LoRA factors) of the last
    language-model stage that ran to one safetensors file, which `sparrow.reference` merges
    into SmolLM2 at assembly.
@@ -92,6 +94,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from sparrow import reference
+from sparrow.targets.llava import prompt_positions, video_position_step
 from sparrow.training import reference_data as data
 from sparrow.video import synthetic
 from sparrow.video.processing import count_visual_tokens
@@ -110,11 +113,12 @@ LONG_FRAMES = {8: 2, 16: 2, 32: 2, 64: 2, 96: 1, 128: 1, 192: 1, 256: 2, 384: 1}
 LONG_EVAL_FRAMES = ((16, 8), (64, 4), (384, 2))
 # Long stage with --long-pose-reach: this share of the rows get skip positions (`skip_positions`).
 POSE_SHARE = 0.5
-# The default reach: measured against consecutive positions from the same caption weights (200
-# steps each, H200, 8 held-out videos a length), key-fact accuracy 0.530 / 0.688 / 0.467 at
-# 1.5k / 6k / 25k visual tokens against 0.519 / 0.537 / 0.402 (the caption stage alone: 0.430
-# at 6k, 0.298 at 25k). MODEL_CARD.md, "Long stage".
-LONG_POSE_REACH = 26000
+# PoSE against consecutive positions from the same caption weights (200 steps each, H200, 8
+# held-out videos a length, plain positions, reach 26,000): key-fact accuracy 0.530 / 0.688 /
+# 0.467 at 1.5k / 6k / 25k visual tokens against 0.519 / 0.537 / 0.402 (the caption stage alone:
+# 0.430 at 6k, 0.298 at 25k). MODEL_CARD.md, "Long stage". The default reach is a 25,600-token
+# video's span at the default video position step (6,400 positions) and its prompt, rounded up.
+LONG_POSE_REACH = 7000
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 REWARM_STEPS = 20  # learning-rate re-warm-up after a sitting starts with fresh AdamW moments
 
@@ -496,7 +500,8 @@ def train_align(run: Path, train: list[Path], val: Path, steps: int, batch: int,
         return checkpoint
     torch.manual_seed(seed)
     model, tokenizer = reference.build_reference(reference.TOWER, _tower_state(run / "eyes.pt"),
-                                                 reference.ROPE_SCALING, seed=seed)
+                                                 reference.ROPE_SCALING, seed=seed,
+                                                 video_position_step=reference.VIDEO_POSITION_STEP)
     tower, projector = model.model.vision_tower.eval(), model.model.multi_modal_projector
     embeddings = model.model.language_model.embed_tokens.weight.detach()  # (V, D)
     optimizer = torch.optim.AdamW(projector.parameters(), lr=lr, weight_decay=0.0)
@@ -669,14 +674,23 @@ def _caption_batch(tokenizer, model_config, resize, scratch: Path, seed: int, st
         attention[row, : len(ids)] = 1
     batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention,
              "pixel_values_videos": data.video_pixels(np.stack(clips))}  # (B, T, C, S, S)
-    if pose_reach:
+    step_size = video_position_step(model_config)
+    if pose_reach or step_size != 1:
         skips = random.Random(f"{seed}-{stage}-{step}-positions")
-        positions = torch.arange(length).repeat(size, 1)  # (B, L); pads keep counting, unread
+        positions = torch.arange(length, dtype=torch.float32 if step_size != 1 else torch.long)
+        positions = positions.repeat(size, 1)  # (B, L); pads keep counting, unread
         for row, (ids, _) in enumerate(rows):
-            if skips.random() < POSE_SHARE:
+            # the positions inference gives this prompt (visual tokens advance by step_size)...
+            own, _ = prompt_positions(ids, model_config.video_token_index, step_size)
+            span = int(math.ceil(float(own[0, -1]))) + 1
+            if pose_reach and skips.random() < POSE_SHARE:
+                # ...moved on by PoSE skips inside the video, up to pose_reach positions in all
                 video = (ids == model_config.video_token_index).nonzero()[:, 0]
                 within = range(int(video[0]) + 1, int(video[-1]) + 1)
-                positions[row, : len(ids)] = skip_positions(len(ids), pose_reach, skips, within)
+                jumps = skip_positions(len(ids), pose_reach - span + len(ids), skips, within)
+                own = own + (jumps - torch.arange(len(ids)))
+            positions[row, : len(ids)] = own[0]
+            positions[row, len(ids):] = own[0, -1] + torch.arange(1, length - len(ids) + 1)
         batch["position_ids"] = positions
     return batch
 
@@ -737,9 +751,10 @@ def caption_loss(model, batch: dict) -> torch.Tensor:
     return F.cross_entropy(logits.float(), batch["input_ids"][:, 1:][predict])
 
 
-def build_caption_model(eyes: Path, rank: int):
+def build_caption_model(eyes: Path, rank: int, video_position_step: float = reference.VIDEO_POSITION_STEP):
     """The reference model with the stage-1 tower (and stage-1b projector when run/align.pt
-    exists), LoRA injected, trainable parts selected."""
+    exists), visual tokens advancing the position by `video_position_step`, LoRA injected,
+    trainable parts selected."""
     from peft import inject_adapter_in_model
 
     state = _tower_state(eyes)
@@ -747,7 +762,8 @@ def build_caption_model(eyes: Path, rank: int):
     if align.is_file():  # stage 1b's projector
         projector = torch.load(align, weights_only=True)["projector"]
         state.update({f"model.multi_modal_projector.{k}": v for k, v in projector.items()})
-    model, tokenizer = reference.build_reference(reference.TOWER, state, reference.ROPE_SCALING)
+    model, tokenizer = reference.build_reference(reference.TOWER, state, reference.ROPE_SCALING,
+                                                 video_position_step=video_position_step)
     model.requires_grad_(False)
     inject_adapter_in_model(lora_config(rank), model.model.language_model)
     for name, param in model.named_parameters():
@@ -771,10 +787,14 @@ def describe_score(model, tokenizer, facts_list, frames: np.ndarray, max_new_tok
                                              {"type": "text", "text": data.DESCRIBE_PROMPTS[0]}]}]
     device = model.device
     ids = render_chat(tokenizer, config, messages, video).to(device)
+    step = video_position_step(config)  # positions as at inference (transformers numbers on by 1)
+    positions = {} if step == 1 else {"position_ids": prompt_positions(ids, config.video_token_index,
+                                                                       step)[0]}
     for facts, clip in zip(facts_list, frames, strict=True):
         with torch.no_grad(), autocast(device):
             out = model.generate(input_ids=ids, pixel_values_videos=data.video_pixels(clip[None]).to(device),
-                                 max_new_tokens=max_new_tokens, do_sample=False)
+                                 max_new_tokens=max_new_tokens, do_sample=False,
+                                 **{k: v.to(device) for k, v in positions.items()})
         text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
         score = synthetic.score_description(text, facts)
         scores.append(score["score"])
@@ -818,15 +838,18 @@ def train_caption(run: Path, steps: int, budget: int, lr: float,
                   projector_lr: float, rank: int, seed: int, save_every: int, eval_every: int,
                   stop_at: int | None = None, eval_frames=EVAL_FRAMES, stage: str = "caption",
                   frames: dict[int, int] | None = None, warmup: int = 50, pose_reach: int = 0,
-                  device: str = "cpu", workers: int = 0, lora_weights: Path | None = None) -> Path:
+                  device: str = "cpu", workers: int = 0, lora_weights: Path | None = None,
+                  video_position_step: float = reference.VIDEO_POSITION_STEP) -> Path:
     """Stage 2 (`stage` "caption") or 2b ("long": starts from caption.pt's final weights, with
     a fresh optimizer) up to `steps`, resuming from run/<stage>.pt; `stop_at` as in
     `train_eyes`; `pose_reach` as in `_caption_batch` (a stage keeps the reach it started with);
     `device` trains there (checkpoints hold CPU tensors either way); `workers` as in `batches`;
     `lora_weights`: a caption stage's first step starts its LoRA factors from that exported
-    file (`lora_from`) instead of peft's initialisation (B = 0)."""
+    file (`lora_from`) instead of peft's initialisation (B = 0); `video_position_step`: how far
+    a visual token advances the position (a stage keeps the step it started with, except that a
+    sitting continued from exported weights may change it: `continue_from`)."""
     checkpoint, log = run / f"{stage}.pt", run / f"{stage}.jsonl"
-    model, tokenizer = build_caption_model(run / "eyes.pt", rank)
+    model, tokenizer = build_caption_model(run / "eyes.pt", rank, video_position_step)
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     warm = {}
     if lora_weights is not None and stage == "caption" and not checkpoint.is_file():
@@ -854,6 +877,10 @@ def train_caption(run: Path, steps: int, budget: int, lr: float,
         if state.get("pose_reach", 0) != pose_reach:
             raise SystemExit(f"{checkpoint} was trained with position reach {state.get('pose_reach', 0)}, "
                              f"not {pose_reach}: pass the same --long-pose-reach, or a new run directory")
+        if state.get("video_position_step", 1.0) != video_position_step:
+            raise SystemExit(f"{checkpoint} was trained with video position step "
+                             f"{state.get('video_position_step', 1.0)}, not {video_position_step}: pass the "
+                             "same --video-position-step, or a new run directory")
         model.load_state_dict(state["trainable"], strict=False)
         start = state["step"]
         fresh = list(state.get("fresh_optimizer_at", [0]))
@@ -873,6 +900,7 @@ def train_caption(run: Path, steps: int, budget: int, lr: float,
     _log(log, {"step": start, "start": {"cpu": torch.backends.cpu.get_cpu_capability(),
                                         "threads": torch.get_num_threads(), **gpu, "precision": precision,
                                         "fresh_optimizer_at": fresh, "pose_reach": pose_reach,
+                                        "video_position_step": video_position_step,
                                         "frames": frame_spec(frames or CAPTION_FRAMES), **warm}})
     resize = _resize_fn()
     scratch = Path(tempfile.mkdtemp(prefix="sparrow-caption-"))
@@ -904,7 +932,8 @@ def train_caption(run: Path, steps: int, budget: int, lr: float,
         if done % save_every == 0 or done in (steps, stop_at):
             _save(checkpoint, {"trainable": {n: p.detach().cpu().clone() for n, p in trainable.items()},
                                "optimizer": _to_cpu(optimizer.state_dict()), "step": done, "rank": rank,
-                               "fresh_optimizer_at": fresh, "pose_reach": pose_reach, **warm})
+                               "fresh_optimizer_at": fresh, "pose_reach": pose_reach,
+                               "video_position_step": video_position_step, **warm})
         if eval_every and (done % eval_every == 0 or done == steps):
             model.eval()
             scores = {}
@@ -959,7 +988,8 @@ def export(run: Path, out: Path) -> Path:
                 **({"caption_lora_from": stages["caption"]["lora_from"]}
                    if "lora_from" in stages.get("caption", {}) else {}),
                 "tower": json.dumps(reference.TOWER), "rope_scaling": json.dumps(reference.ROPE_SCALING),
-                "processor": json.dumps(reference.PROCESSOR_CONFIG)}
+                "processor": json.dumps(reference.PROCESSOR_CONFIG),
+                "video_position_step": json.dumps(caption.get("video_position_step", 1.0))}
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_suffix(".partial")
     save_file(tensors, str(partial), metadata=metadata)
@@ -1004,15 +1034,20 @@ def lora_from(weights: Path, model, rank: int) -> dict[str, torch.Tensor]:
     return factors
 
 
-def continue_from(weights: Path, run: Path, rank: int) -> str:
+def continue_from(weights: Path, run: Path, rank: int,
+                  video_position_step: float = reference.VIDEO_POSITION_STEP,
+                  pose_reach: int | None = None) -> str:
     """Seed `run` from an exported weights file so that the last language-model stage it
     records goes on from there (see "Sittings" above): run/eyes.pt gets the file's tower, and
     run/<stage>.pt its trainable tensors and step, without optimizer state. Returns the stage.
-    A run directory already seeded (or trained) is left alone: rerunning resumes it."""
+    A run directory already seeded (or trained) is left alone: rerunning resumes it. The sitting
+    goes on with `video_position_step`, whatever the file was for, and a long stage with
+    `pose_reach` when given (default: the file's); the weights are the same, the positions they
+    meet from here on are this sitting's."""
     metadata, tensors = read_export(weights, "--continue-from")
     stage = "long" if "long_steps" in metadata else "caption"
     setup = reference.weights_setup(weights)
-    if setup != (reference.TOWER, reference.ROPE_SCALING, reference.PROCESSOR_CONFIG):
+    if setup[:3] != (reference.TOWER, reference.ROPE_SCALING, reference.PROCESSOR_CONFIG):
         raise SystemExit(f"--continue-from {weights}: it was trained for another tower, positions or "
                          f"processor ({setup}) than this script trains ({reference.TOWER}); start a run "
                          "from the eyes stage instead")
@@ -1024,7 +1059,7 @@ def continue_from(weights: Path, run: Path, rank: int) -> str:
     prefix = "model.vision_tower."
     _save(run / "eyes.pt", {"tower": {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)},
                             "continued_from": str(weights)})
-    model, _ = build_caption_model(run / "eyes.pt", rank)
+    model, _ = build_caption_model(run / "eyes.pt", rank, video_position_step)
     trainable = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
@@ -1037,12 +1072,27 @@ def continue_from(weights: Path, run: Path, rank: int) -> str:
     warm = {"lora_from": metadata["caption_lora_from"]} if "caption_lora_from" in metadata else {}
     _save(run / f"{stage}.pt", {"trainable": trainable, "step": int(metadata[f"{stage}_steps"]),
                                 "rank": rank, "fresh_optimizer_at": fresh,
-                                "pose_reach": int(metadata.get(f"{stage}_pose_reach", 0)),
+                                "pose_reach": int(metadata.get(f"{stage}_pose_reach", 0))
+                                if pose_reach is None or stage != "long" else pose_reach,
+                                "video_position_step": video_position_step,
                                 **(warm if stage == "caption" else {})})
     if stage == "long":  # the long stage starts from caption.pt only when long.pt is missing
         _save(run / "caption.pt", {"trainable": trainable, "step": int(metadata["caption_steps"]),
-                                   "rank": rank, "fresh_optimizer_at": [0], **warm})
+                                   "rank": rank, "fresh_optimizer_at": [0],
+                                   "video_position_step": video_position_step, **warm})
     return stage
+
+
+def position_step(text: str) -> float:
+    """`--video-position-step` "0.25" -> 0.25, checked as `sparrow.targets.llava` checks it."""
+    from types import SimpleNamespace
+
+    from sparrow.targets.llava import VIDEO_POSITION_STEP
+
+    try:
+        return video_position_step(SimpleNamespace(**{VIDEO_POSITION_STEP: float(text)}))
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error).replace(VIDEO_POSITION_STEP, "the step")) from error
 
 
 def frame_weights(spec: str) -> dict[int, int]:
@@ -1094,6 +1144,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="long stage: half the rows get position ids spread up to POSITIONS "
                              "(PoSE skip offsets: 25k-token distances met in ~6k-token steps; default "
                              "%(default)s); 0: consecutive positions")
+    parser.add_argument("--video-position-step", type=position_step, default=reference.VIDEO_POSITION_STEP,
+                        metavar="STEP",
+                        help="how far each visual token advances the rotary position in the language-model "
+                             "stages, and what the export records for inference (default %(default)s: a "
+                             "frame's 16 tokens span 4 positions; 1: plain LLaVA positions)")
     parser.add_argument("--rank", type=int, default=16, help="LoRA rank")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--save-every", type=int, default=25)
@@ -1133,7 +1188,8 @@ def main(argv: list[str] | None = None) -> None:
         if args.stage in ("corpus", "eyes", "align"):
             raise SystemExit("--continue-from starts after the eyes and align stages, "
                              f"not at --stage {args.stage}")
-        continued = continue_from(args.continue_from, args.run, args.rank)
+        continued = continue_from(args.continue_from, args.run, args.rank, args.video_position_step,
+                                  args.long_pose_reach)
         if continued == "long" and args.stage == "caption":
             raise SystemExit(f"--continue-from {args.continue_from}: it is past its caption stage; "
                              "go on with --stage long (and a larger --long-steps)")
@@ -1149,12 +1205,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.stage in ("caption", "all") and continued != "long":  # a long-stage file's caption stage is over
         train_caption(args.run, args.caption_steps, args.caption_tokens, args.lr, args.projector_lr,
                       args.rank, args.seed, args.save_every, args.eval_every, device=args.device,
-                      workers=args.workers, lora_weights=args.lora_from)
+                      workers=args.workers, lora_weights=args.lora_from,
+                      video_position_step=args.video_position_step)
     if args.stage in ("long", "all") and args.long_steps:
         train_caption(args.run, args.long_steps, args.caption_tokens, args.long_lr, args.long_projector_lr,
                       args.rank, args.seed, args.save_every, args.eval_every // 2, stage="long",
                       frames=args.long_frames, eval_frames=LONG_EVAL_FRAMES, warmup=10,
-                      pose_reach=args.long_pose_reach, device=args.device, workers=args.workers)
+                      pose_reach=args.long_pose_reach, device=args.device, workers=args.workers,
+                      video_position_step=args.video_position_step)
     if args.stage in ("export", "all"):
         print(f"wrote {export(args.run, args.out)}")
 
