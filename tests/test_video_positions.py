@@ -83,8 +83,8 @@ def test_follow_up_question_reuses_the_prefix_with_fractional_positions(stepped,
     video = prepare_video(stepped, video_file(8), num_frames=8)
     first = build_video_prompt(stepped.tokenizer, stepped.config, video, "What colour is it?")
     generate(stepped, first, video, max_new_tokens=6)
-    state = target_state = stepped.snapshot()
-    assert target_state.position_offset < 0
+    state = stepped.snapshot()
+    assert state.position_offset < 0
     second = build_video_prompt(stepped.tokenizer, stepped.config, video, "Where does it go next?")
     draft = init_draft(stepped, "sparrow")
     for d in (None, draft):
