@@ -93,7 +93,7 @@ def reference_config(vision: dict, rope_scaling: dict | None = None, video_posit
     from transformers import AutoConfig, AutoTokenizer, LlavaOnevisionConfig
 
     from sparrow.targets.llava import VIDEO_POSITION_STEP as STEP_KEY
-    from sparrow.targets.llava import video_position_step as checked_step
+    from sparrow.targets.llava import checked_position_step
 
     directory = smollm2.checkpoint()
     text = AutoConfig.from_pretrained(directory).to_dict()
@@ -112,8 +112,7 @@ def reference_config(vision: dict, rope_scaling: dict | None = None, video_posit
         tie_word_embeddings=text.get("tie_word_embeddings", True),
     )
     if video_position_step != 1:
-        setattr(config, STEP_KEY, video_position_step)
-        checked_step(config)
+        setattr(config, STEP_KEY, checked_position_step(video_position_step))
     return config
 
 

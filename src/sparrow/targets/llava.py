@@ -28,7 +28,11 @@ VIDEO_POSITION_STEP = "sparrow_video_position_step"  # config attribute; absent 
 def video_position_step(config) -> float:
     """How far each visual token advances the position under `config` (1 unless it says)."""
     value = getattr(config, VIDEO_POSITION_STEP, None)
-    step = 1.0 if value is None else float(value)
+    return 1.0 if value is None else checked_position_step(float(value))
+
+
+def checked_position_step(step: float) -> float:
+    """`step` if it is a valid video position step, else a ValueError that says what is."""
     if not 0 < step <= 1 or (step * 256) % 1:
         # multiples of 1/256 keep every position exact in float32 (up to 65,536), so positions
         # summed in any order (prompt, decoding, transformers' generate) are the same numbers

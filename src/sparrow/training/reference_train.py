@@ -1085,12 +1085,10 @@ def continue_from(weights: Path, run: Path, rank: int,
 
 def position_step(text: str) -> float:
     """`--video-position-step` "0.25" -> 0.25, checked as `sparrow.targets.llava` checks it."""
-    from types import SimpleNamespace
-
-    from sparrow.targets.llava import VIDEO_POSITION_STEP
+    from sparrow.targets.llava import VIDEO_POSITION_STEP, checked_position_step
 
     try:
-        return video_position_step(SimpleNamespace(**{VIDEO_POSITION_STEP: float(text)}))
+        return checked_position_step(float(text))
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error).replace(VIDEO_POSITION_STEP, "the step")) from error
 
