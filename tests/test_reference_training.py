@@ -669,6 +669,50 @@ def test_caption_loss_of_a_padded_batch_is_that_of_its_conversations_alone(shard
     assert padded.item() == pytest.approx(total / count, rel=1e-5)
 
 
+def test_a_clip_too_long_to_backpropagate_through_trains_its_conversations_after_a_frozen_prefix(
+        shard, tmp_path, monkeypatch):
+    """Clips of more than FULL_GRADIENT_FRAMES frames: one clip and several conversations about
+    it after one shared prefix, no PoSE; `frozen_prefix_step` gives caption_loss's value on the
+    same conversations, gradients into the language model's adapters only, and a step along them
+    lowers it."""
+    import contextlib
+
+    monkeypatch.setattr(rt, "FULL_GRADIENT_FRAMES", 3)  # a 4-frame clip stands for a long one
+    monkeypatch.setattr(rt, "autocast", lambda device: contextlib.nullcontext())  # fp32: exact
+    rt.train_eyes(tmp_path, [shard], shard, steps=1, batch=8, lr=1e-3, seed=0, save_every=1, eval_every=100)
+    model, tokenizer = rt.build_caption_model(tmp_path / "eyes.pt", rank=2)
+    for name, param in model.named_parameters():  # LoRA B starts at zero: make the adapters act
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.02, generator=torch.Generator().manual_seed(0))
+    batch = rt._caption_batch(tokenizer, model.config, rt._resize_fn(), tmp_path, seed=0, step=0,
+                              budget=400, per_frame=16, frames={4: 1}, stage="long", pose_reach=6000)
+    ids, cut = batch["input_ids"], int(batch["prefix_length"])
+    rows, lengths = len(ids), batch["attention_mask"].sum(dim=1)
+    assert rows > 1 and batch["pixel_values_videos"].shape[:2] == (1, 4)  # one clip, read once
+    assert (ids[:, :cut] == ids[:1, :cut]).all() and int(ids[0, cut - 1]) == model.config.video_token_index
+    assert int((ids[0, :cut] == model.config.video_token_index).sum()) == 4 * 16 + 1
+    assert int((lengths - cut).sum()) <= 400  # the budget counts the words after the video
+    step = video_position_step(model.config)
+    for row, length in enumerate(lengths.tolist()):  # no PoSE: the positions inference gives
+        own = prompt_positions(ids[row, :length], model.config.video_token_index, step)[0][0]
+        assert torch.equal(batch["position_ids"][row, :length], own)
+    whole = {k: v for k, v in batch.items() if k != "prefix_length"}
+    whole["pixel_values_videos"] = batch["pixel_values_videos"].repeat(rows, 1, 1, 1, 1)
+    with torch.no_grad():
+        expected = rt.caption_loss(model, whole).item()
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    loss = rt.caption_step(model, batch)
+    assert loss == pytest.approx(expected, rel=1e-5)
+    lora = {n: p.grad for n, p in trainable.items() if "lora_" in n}
+    assert all(g is not None for g in lora.values()) and sum(float(g.abs().sum()) for g in lora.values()) > 0
+    assert all(p.grad is None for n, p in trainable.items() if "lora_" not in n)  # projector, newline
+    with torch.no_grad():
+        for g, p in ((p.grad, p) for p in trainable.values() if p.grad is not None):
+            p -= 1e-2 * g / g.norm().clamp_min(1e-12)
+    model.zero_grad(set_to_none=True)
+    assert rt.caption_step(model, batch) < loss
+
+
 def test_the_long_stage_spreads_positions_by_default_and_can_be_told_not_to():
     parser = rt.build_parser()
     assert parser.parse_args(["run"]).long_pose_reach == rt.LONG_POSE_REACH == 7000

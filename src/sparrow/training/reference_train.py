@@ -119,6 +119,12 @@ POSE_SHARE = 0.5
 # 0.430 at 6k, 0.298 at 25k). MODEL_CARD.md, "Long stage". The default reach is a 25,600-token
 # video's span at the default video position step (6,400 positions) and its prompt, rounded up.
 LONG_POSE_REACH = 7000
+# Long stage: clips of more frames than this are too long to backpropagate through on a CPU
+# (a 512-frame step, 8,193 visual tokens, takes ~77 s on 2 threads in bf16; a 25k-token one would
+# take ~10 min and more memory than the machine has). Such a clip is read once without gradient
+# and several conversations about it learn from its cached states: the words learn to read a
+# long video, the video's own states stay those of the current weights (`frozen_prefix_step`).
+FULL_GRADIENT_FRAMES = 512
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 REWARM_STEPS = 20  # learning-rate re-warm-up after a sitting starts with fresh AdamW moments
 
@@ -649,19 +655,29 @@ def _caption_batch(tokenizer, model_config, resize, scratch: Path, seed: int, st
     the batch carries `position_ids`. The cut falls inside the video, so the skip stands for
     frames in between: at inference, large distances only ever separate the text from earlier
     frames and frames from frames, never the words of a turn (at least one video token stays
-    next to the text after it)."""
+    next to the text after it).
+
+    A clip of more than `FULL_GRADIENT_FRAMES` frames: one clip and as many conversations about
+    it as fit `budget` tokens after the video (at least one), the batch carrying
+    `prefix_length` (the tokens up to the video's last, the same in every row) for
+    `frozen_prefix_step`; no PoSE (the clip is as long as the videos it stands for)."""
     frames = frames or CAPTION_FRAMES
     rng = random.Random(f"{seed}-{step}" if stage == "caption" else f"{seed}-{stage}-{step}")
     num_frames = rng.choices(list(frames), weights=list(frames.values()))[0]
     visual = num_frames * per_frame + 1
-    rows, clips = [], []
+    frozen = num_frames > FULL_GRADIENT_FRAMES  # one clip, its conversations after a frozen prefix
+    rows, clips, prefix = [], [], 0
     while True:
-        pixels, facts = render_clip(rng.randrange(EVAL_SEED_START), num_frames, resize, scratch)
+        if not (frozen and clips):
+            pixels, facts = render_clip(rng.randrange(EVAL_SEED_START), num_frames, resize, scratch)
         row = tokenize_conversation(tokenizer, model_config, data.conversation(facts, rng), visual)
-        if rows and sum(len(ids) for ids, _ in rows) + len(row[0]) > budget:
+        if frozen:  # the budget counts the words after the video, read with gradient
+            prefix = int((row[0] == model_config.video_token_index).nonzero()[-1]) + 1
+        if rows and sum(len(ids) - prefix for ids, _ in rows) + len(row[0]) - prefix > budget:
             break
         rows.append(row)
-        clips.append(pixels)
+        if not (frozen and clips):
+            clips.append(pixels)
     length = max(len(ids) for ids, _ in rows)
     size = len(rows)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -673,7 +689,10 @@ def _caption_batch(tokenizer, model_config, resize, scratch: Path, seed: int, st
         labels[row, : len(ids)] = mask
         attention[row, : len(ids)] = 1
     batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention,
-             "pixel_values_videos": data.video_pixels(np.stack(clips))}  # (B, T, C, S, S)
+             "pixel_values_videos": data.video_pixels(np.stack(clips))}  # (B or 1, T, C, S, S)
+    if frozen:
+        assert all(torch.equal(ids[:prefix], rows[0][0][:prefix]) for ids, _ in rows)
+        batch["prefix_length"] = torch.tensor(prefix)
     step_size = video_position_step(model_config)
     if pose_reach or step_size != 1:
         skips = random.Random(f"{seed}-{stage}-{step}-positions")
@@ -683,7 +702,7 @@ def _caption_batch(tokenizer, model_config, resize, scratch: Path, seed: int, st
             # the positions inference gives this prompt (visual tokens advance by step_size)...
             own, _ = prompt_positions(ids, model_config.video_token_index, step_size)
             span = int(math.ceil(float(own[0, -1]))) + 1
-            if pose_reach and skips.random() < POSE_SHARE:
+            if pose_reach and not frozen and skips.random() < POSE_SHARE:
                 # ...moved on by PoSE skips inside the video, up to pose_reach positions in all
                 video = (ids == model_config.video_token_index).nonzero()[:, 0]
                 within = range(int(video[0]) + 1, int(video[-1]) + 1)
@@ -749,6 +768,58 @@ def caption_loss(model, batch: dict) -> torch.Tensor:
     predict = batch["labels"][:, 1:]  # (B, L-1): token i+1 is a label -> predict it from i
     logits = model.lm_head(hidden[:, :-1][predict])  # (N, V)
     return F.cross_entropy(logits.float(), batch["input_ids"][:, 1:][predict])
+
+
+def frozen_prefix_step(model, batch: dict, device: str = "cpu") -> float:
+    """Forward and backward of a batch that carries `prefix_length` (one long clip, several
+    conversations about it): the prefix (the prompt up to the video's last token) is read once
+    without gradient into a cache, then each conversation's remaining tokens are read after it
+    with gradient, and backpropagated one at a time (so only one conversation's graph is held).
+    The loss, gradients included, is `caption_loss`'s label-weighted mean, except that nothing
+    flows into the prefix's states: the tower and projector get no gradient, the language model
+    learns how the words read the video. Returns the loss."""
+    from transformers import DynamicCache
+
+    cut = int(batch["prefix_length"])
+    ids, labels = batch["input_ids"], batch["labels"]
+    if labels[:, : cut + 1].any():
+        raise ValueError("a frozen prefix (and the token after it) holds no label")
+    positions = batch.get("position_ids")
+    if positions is None:
+        positions = torch.arange(ids.shape[1], device=ids.device).repeat(len(ids), 1)
+    count = int(labels[:, 1:].sum())
+    cache = DynamicCache(config=model.config.get_text_config())
+    with torch.no_grad(), autocast(device):
+        model.model(input_ids=ids[:1, :cut], pixel_values_videos=batch["pixel_values_videos"],
+                    attention_mask=torch.ones_like(ids[:1, :cut]), position_ids=positions[:1, :cut],
+                    past_key_values=cache, use_cache=True)
+    total = 0.0
+    for row, length in enumerate(batch["attention_mask"].sum(dim=1).tolist()):
+        with autocast(device):
+            words = ids[row:row + 1, cut:length]
+            hidden = model.model(input_ids=words, attention_mask=torch.ones_like(ids[row:row + 1, :length]),
+                                 position_ids=positions[row:row + 1, cut:length], past_key_values=cache,
+                                 use_cache=True).last_hidden_state
+            predict = labels[row:row + 1, cut + 1:length]
+            logits = model.lm_head(hidden[:, :-1][predict])
+            loss = F.cross_entropy(logits.float(), words[:, 1:][predict], reduction="sum") / count
+        loss.backward()
+        cache.crop(cut - length)  # back to the prefix for the next conversation, which must
+        for layer in cache.layers:  # not reach this one's graph through the cropped keys' slices
+            layer.keys, layer.values = layer.keys.detach(), layer.values.detach()
+        total += loss.item()
+    return total
+
+
+def caption_step(model, batch: dict, device: str = "cpu") -> float:
+    """Forward and backward of one language-model batch (`caption_loss`, or
+    `frozen_prefix_step` for a batch that carries `prefix_length`). Returns the loss."""
+    if "prefix_length" in batch:
+        return frozen_prefix_step(model, batch, device)
+    with autocast(device):
+        loss = caption_loss(model, batch)
+    loss.backward()
+    return loss.item()
 
 
 def build_caption_model(eyes: Path, rank: int, video_position_step: float = reference.VIDEO_POSITION_STEP):
@@ -917,17 +988,17 @@ def train_caption(run: Path, steps: int, budget: int, lr: float,
             group["lr"] = rate * scale
         batch_data = {key: value.to(device) for key, value in next(ahead).items()}
         model.train()
-        with autocast(device):
-            loss = caption_loss(model, batch_data)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = caption_step(model, batch_data, device)
         torch.nn.utils.clip_grad_norm_(list(trainable.values()), 1.0)
         optimizer.step()
         done = step + 1
-        _log(log, {"step": done, "loss": round(loss.item(), 4), "lr": optimizer.param_groups[0]["lr"],
+        rows, prefix = batch_data["input_ids"].shape[0], int(batch_data.get("prefix_length", 0))
+        _log(log, {"step": done, "loss": round(loss, 4), "lr": optimizer.param_groups[0]["lr"],
                    "frames": batch_data["pixel_values_videos"].shape[1],
-                   "conversations": batch_data["input_ids"].shape[0],
-                   "tokens": int(batch_data["attention_mask"].sum()),
+                   "conversations": rows,
+                   "tokens": int(batch_data["attention_mask"].sum()) - prefix * (rows - 1),  # those read
+                   **({"frozen_prefix": prefix} if prefix else {}),
                    "elapsed_s": round(time.perf_counter() - began, 1)})
         if done % save_every == 0 or done in (steps, stop_at):
             _save(checkpoint, {"trainable": {n: p.detach().cpu().clone() for n, p in trainable.items()},
