@@ -48,7 +48,10 @@ data as an uninterrupted one):
    the relative distances of a 25k-token video: measured against consecutive positions, it read
    6k- and 25k-token videos better and 1.5k-token ones as well. Visual tokens advance the
    position by `--video-position-step` (default 1/4, `reference.VIDEO_POSITION_STEP`) in these
-   stages as at inference.
+   stages as at inference. Clips of more than `FULL_GRADIENT_FRAMES` (512) frames, e.g.
+   `--long-frames ...,1024:1,1600:2` for 16k- and 25k-token videos, train after a frozen
+   prefix (`frozen_prefix_step`): read once without gradient, then ~18 conversations about the
+   clip learn from its cached states (a 1,024-frame step: 191 s on 2 threads in bf16).
 3. `export`: write the shipped weights (tower, projector, newline, LoRA factors) of the last
    language-model stage that ran to one safetensors file, which `sparrow.reference` merges
    into SmolLM2 at assembly.
