@@ -619,6 +619,17 @@ def test_language_model_stages_warm_up_hold_then_decay_over_the_last_third():
     assert scales[-1] == pytest.approx(0.1, abs=1e-3)
 
 
+def _caption_model_with_acting_adapters(shard, run):
+    """A caption model on one-step eyes, its LoRA B factors drawn (peft starts them at zero,
+    where the adapters would change nothing)."""
+    rt.train_eyes(run, [shard], shard, steps=1, batch=8, lr=1e-3, seed=0, save_every=1, eval_every=100)
+    model, tokenizer = rt.build_caption_model(run / "eyes.pt", rank=2)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.02, generator=torch.Generator().manual_seed(0))
+    return model, tokenizer
+
+
 @pytest.mark.parametrize("pose_reach", [0, 6000])
 def test_caption_loss_of_a_padded_batch_is_that_of_its_conversations_alone(shard, tmp_path, pose_reach,
                                                                          monkeypatch):
@@ -628,11 +639,7 @@ def test_caption_loss_of_a_padded_batch_is_that_of_its_conversations_alone(shard
     import torch.nn.functional as F
 
     monkeypatch.setattr(rt, "POSE_SHARE", 1.0)  # every row spread (with pose_reach)
-    rt.train_eyes(tmp_path, [shard], shard, steps=1, batch=8, lr=1e-3, seed=0, save_every=1, eval_every=100)
-    model, tokenizer = rt.build_caption_model(tmp_path / "eyes.pt", rank=2)
-    for name, param in model.named_parameters():  # LoRA B starts at zero: make the adapters act
-        if "lora_B" in name:
-            torch.nn.init.normal_(param, std=0.02, generator=torch.Generator().manual_seed(0))
+    model, tokenizer = _caption_model_with_acting_adapters(shard, tmp_path)
     batch = rt._caption_batch(tokenizer, model.config, rt._resize_fn(), tmp_path, seed=0, step=0,
                               budget=900, per_frame=16, frames={4: 1}, pose_reach=pose_reach)
     lengths = batch["attention_mask"].sum(dim=1)
@@ -679,11 +686,7 @@ def test_a_clip_too_long_to_backpropagate_through_trains_its_conversations_after
 
     monkeypatch.setattr(rt, "FULL_GRADIENT_FRAMES", 3)  # a 4-frame clip stands for a long one
     monkeypatch.setattr(rt, "autocast", lambda device: contextlib.nullcontext())  # fp32: exact
-    rt.train_eyes(tmp_path, [shard], shard, steps=1, batch=8, lr=1e-3, seed=0, save_every=1, eval_every=100)
-    model, tokenizer = rt.build_caption_model(tmp_path / "eyes.pt", rank=2)
-    for name, param in model.named_parameters():  # LoRA B starts at zero: make the adapters act
-        if "lora_B" in name:
-            torch.nn.init.normal_(param, std=0.02, generator=torch.Generator().manual_seed(0))
+    model, tokenizer = _caption_model_with_acting_adapters(shard, tmp_path)
     batch = rt._caption_batch(tokenizer, model.config, rt._resize_fn(), tmp_path, seed=0, step=0,
                               budget=400, per_frame=16, frames={4: 1}, stage="long", pose_reach=6000)
     ids, cut = batch["input_ids"], int(batch["prefix_length"])
