@@ -671,7 +671,8 @@ def _caption_batch(tokenizer, model_config, resize, scratch: Path, seed: int, st
     frozen = num_frames > FULL_GRADIENT_FRAMES  # one clip, its conversations after a frozen prefix
     rows, clips, prefix = [], [], 0
     while True:
-        if not (frozen and clips):
+        fresh = not (frozen and clips)  # a new clip per conversation, or the long clip once
+        if fresh:
             pixels, facts = render_clip(rng.randrange(EVAL_SEED_START), num_frames, resize, scratch)
         row = tokenize_conversation(tokenizer, model_config, data.conversation(facts, rng), visual)
         if frozen:  # the budget counts the words after the video, read with gradient
@@ -679,7 +680,7 @@ def _caption_batch(tokenizer, model_config, resize, scratch: Path, seed: int, st
         if rows and sum(len(ids) - prefix for ids, _ in rows) + len(row[0]) - prefix > budget:
             break
         rows.append(row)
-        if not (frozen and clips):
+        if fresh:
             clips.append(pixels)
     length = max(len(ids) for ids, _ in rows)
     size = len(rows)
