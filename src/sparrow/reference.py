@@ -57,7 +57,8 @@ ROPE_SCALING = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embed
 # positions"): the step-1 weights read 6k- and 25k-token videos as well with it as without it
 # before any training with it; an 80-step long-stage sitting with it then read 6,129-token
 # videos at 0.811 against 0.733 (+0.078, se 0.061, 16 held-out videos; 0.788 on 48), short ones
-# the same, 25,585-token ones the same (0.578 against 0.581 on 16).
+# the same, 25,585-token ones the same (0.578 against 0.581 on 16); a fourth sitting with it, on
+# 1,024- and 1,600-frame clips after a frozen prefix, then 25,585-token ones at 0.679 (+0.101).
 VIDEO_POSITION_STEP = 0.25
 PROCESSOR_CONFIG = {
     "image_mean": [0.5, 0.5, 0.5],
