@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m sparrow.demo
+	$(PY) -m sparrow.reference.demo
 
 test: $(STAMP)
 	$(PY) -m pytest

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sparrow.decoding.generate import generate
+from sparrow.speculative.generate import generate
 from sparrow.targets import wrap_model
 from sparrow.video.io import read_video, write_video
 from sparrow.video.processing import preprocess_video

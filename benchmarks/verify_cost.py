@@ -10,7 +10,7 @@ truncate back to the cached length, so every repetition sees the same cache):
 The same steps run, on the same weights and cache contents, for comparison:
 
 * ``sparrow+mkl``: the same engine path with torch's own CPU linears (`F.linear`, MKL)
-  instead of the oneDNN-packed ones the engine uses (`sparrow.decoding.linear`);
+  instead of the oneDNN-packed ones the engine uses (`sparrow.runtime.linear`);
 
 and through transformers' own attention:
 
@@ -89,11 +89,11 @@ from pathlib import Path
 
 import torch
 
-from sparrow.decoding import native
-from sparrow.decoding.linear import available as linear_kernels_available
-from sparrow.decoding.linear import pack_linears, unpack_linears
-from sparrow.decoding.tree import ancestor_mask
 from sparrow.machine import machine_info
+from sparrow.runtime import native
+from sparrow.runtime.linear import available as linear_kernels_available
+from sparrow.runtime.linear import pack_linears, unpack_linears
+from sparrow.speculative.tree import ancestor_mask
 from sparrow.targets import TargetAdapter, wrap_model
 
 STEP_DECODE = "decode"
@@ -336,7 +336,7 @@ def time_step(fn: Callable[[], object], reps: int, warmup: int, guard: CpuLoadGu
 
 def packed_mm(weight: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
     """x @ weight through the oneDNN-packed kernel the engine's CPU linears use
-    (`sparrow.decoding.linear`): weight (in, out) becomes an `nn.Linear(in, out)` and is packed."""
+    (`sparrow.runtime.linear`): weight (in, out) becomes an `nn.Linear(in, out)` and is packed."""
     linear = torch.nn.Linear(weight.shape[0], weight.shape[1], bias=False, device=weight.device,
                              dtype=weight.dtype)
     with torch.no_grad():

@@ -1,30 +1,17 @@
-"""Shared fixtures: tiny random models of every family, real video files, reference outputs."""
+"""Shared fixtures: tiny random models of every family and real video files. Functions the
+test modules import live in `tests/helpers.py`."""
 
 from __future__ import annotations
 
 import functools
-import os
 
-import numpy as np
 import pytest
 import torch
 
-from sparrow.targets.llava import prompt_positions, video_position_step
-from sparrow.testing import FAMILIES, processor_config, tiny_model, tiny_tokenizer
+from sparrow.targets.tiny import FAMILIES, processor_config, tiny_model, tiny_tokenizer
+from tests.helpers import DEVICE, moving_square_frames
 
 torch.set_num_threads(1)  # tiny models: threads only add overhead (and CI shares 2 cores)
-# The suite runs on the CPU; SPARROW_TEST_DEVICE=cuda reruns it on a GPU (never needed by CI).
-DEVICE = torch.device(os.environ.get("SPARROW_TEST_DEVICE", "cpu"))
-
-
-def moving_square_frames(num_frames: int, height: int = 72, width: int = 96, seed: int = 0):
-    """(T, H, W, 3) uint8: a coloured square moving over a noisy background."""
-    rng = np.random.default_rng(seed)
-    frames = rng.integers(0, 60, size=(num_frames, height, width, 3), dtype=np.uint8)
-    for t in range(num_frames):
-        x = (5 * t) % (width - 20)
-        frames[t, 20:40, x : x + 20] = (200, 40 + 10 * seed, 40)
-    return frames
 
 
 @functools.cache
@@ -60,48 +47,3 @@ def video_file(tmp_path_factory):
         return cache[(num_frames, seed)]
 
     return make
-
-
-def reference_generate(target, input_ids, video, max_new_tokens: int, eos_token_ids) -> list[int]:
-    """transformers' own greedy generate on the unmodified model (fresh default attention)."""
-    model = target.model
-    input_ids = input_ids.to(model.device)
-    kwargs = {}
-    if video is not None:
-        kwargs.update({k: v.to(model.device) for k, v in video.model_kwargs().items()})
-    if "qwen" in model.config.model_type:
-        from sparrow.video.prompt import mm_token_type_ids
-
-        kwargs["mm_token_type_ids"] = mm_token_type_ids(input_ids, model.config)
-    elif video_position_step(model.config) != 1:  # transformers takes them; it numbers on by 1
-        kwargs["position_ids"] = prompt_positions(input_ids, target.video_token_id(),
-                                                  video_position_step(model.config))[0].to(model.device)
-    text_config = model.config.get_text_config()
-    attention = text_config._attn_implementation
-    text_config._attn_implementation = "sdpa"  # the reference runs transformers' own kernel
-    try:
-        out = model.generate(
-            input_ids,
-            attention_mask=torch.ones_like(input_ids),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=list(eos_token_ids),
-            pad_token_id=0,
-            **kwargs,
-        )
-    finally:
-        text_config._attn_implementation = attention
-    return out[0, input_ids.shape[1] :].tolist()
-
-
-def assert_text_answers_match(target, language_model, max_new_tokens: int = 24) -> None:
-    """Text-only greedy answers of a video `target` (our loop) equal `language_model.generate`'s."""
-    from sparrow.decoding.generate import generate
-    from sparrow.video.prompt import build_video_prompt
-
-    for question in ("What colour is the sky?", "Name three fruits."):
-        ids = build_video_prompt(target.tokenizer, target.config, None, question)
-        ours = generate(target, ids, max_new_tokens=max_new_tokens).token_ids
-        with torch.no_grad():
-            theirs = language_model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)
-        assert ours == theirs[0, ids.shape[1]:].tolist(), question

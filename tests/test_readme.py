@@ -5,8 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from conftest import moving_square_frames
 from sparrow.video.io import write_video
+from tests.helpers import moving_square_frames
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 

@@ -1,11 +1,11 @@
 """sparrow: lossless speculative decoding for Hugging Face video LLMs (the Sparrow method)."""
 
 from sparrow.api import Answer, answer, prepare_video
-from sparrow.decoding.generate import GenerationResult, generate
-from sparrow.decoding.sampling import SamplingParams
-from sparrow.decoding.tree import TreeSpec
 from sparrow.draft import DraftModel, init_draft, load_draft
 from sparrow.errors import SparrowError
+from sparrow.speculative.generate import GenerationResult, generate
+from sparrow.speculative.sampling import SamplingParams
+from sparrow.speculative.tree import TreeSpec
 from sparrow.targets import TargetAdapter, load_target, wrap_model
 
 __all__ = [

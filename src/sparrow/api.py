@@ -13,16 +13,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from sparrow.decoding.generate import GenerationResult, generate
-from sparrow.decoding.sampling import SamplingParams
-from sparrow.decoding.tree import DEFAULT_TREE, TreeSpec
 from sparrow.draft import DraftModel
+from sparrow.options import DEFAULT_MAX_NEW_TOKENS, DEFAULT_NUM_FRAMES
+from sparrow.speculative.generate import GenerationResult, generate
+from sparrow.speculative.sampling import SamplingParams
+from sparrow.speculative.tree import DEFAULT_TREE, TreeSpec
 from sparrow.targets import TargetAdapter
 from sparrow.video.io import read_video
 from sparrow.video.processing import VideoInputs, preprocess_video
 from sparrow.video.prompt import build_video_prompt
-
-DEFAULT_NUM_FRAMES = 8
 
 
 @dataclass
@@ -57,7 +56,7 @@ def answer(
     method: str = "ar",
     draft: DraftModel | None = None,
     tree: TreeSpec | str = DEFAULT_TREE,
-    max_new_tokens: int = 256,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     temperature: float = 0.0,
     top_p: float = 1.0,
     top_k: int = 0,

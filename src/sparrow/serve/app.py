@@ -28,13 +28,14 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from sparrow.decoding.generate import GenerationResult
-from sparrow.decoding.sampling import SamplingParams
 from sparrow.errors import SparrowError
+from sparrow.options import DEFAULT_NUM_FRAMES
 from sparrow.serve.engine import Engine, GenerationJob, QueueFull
 from sparrow.serve.media import MediaError, video_file
 from sparrow.serve.prompt import Detokenizer
 from sparrow.serve.schemas import ChatCompletionRequest
+from sparrow.speculative.generate import GenerationResult
+from sparrow.speculative.sampling import SamplingParams
 from sparrow.video.io import read_video
 from sparrow.video.processing import count_visual_tokens, preprocess_video
 from sparrow.video.prompt import VIDEO_PART, render_chat
@@ -55,7 +56,7 @@ class ServeSettings:
     model_id: str
     media_roots: list[Path] = field(default_factory=list)  # local videos allowed only under these
     api_key: str | None = None
-    num_frames: int = 8  # frames sampled when a request names neither num_frames nor fps
+    num_frames: int = DEFAULT_NUM_FRAMES  # frames sampled when a request names neither num_frames nor fps
     max_frames: int = 64
     max_visual_tokens: int = 16384
     max_tokens: int = 1024  # the cap on max_tokens, and its default

@@ -11,11 +11,12 @@ from __future__ import annotations
 import sys
 from typing import TextIO
 
-from sparrow.decoding.generate import generate
-from sparrow.decoding.sampling import SamplingParams
-from sparrow.decoding.tree import TreeSpec
 from sparrow.draft import DraftModel
+from sparrow.options import DEFAULT_MAX_NEW_TOKENS
 from sparrow.serve.prompt import Detokenizer
+from sparrow.speculative.generate import generate
+from sparrow.speculative.sampling import SamplingParams
+from sparrow.speculative.tree import DEFAULT_TREE, TreeSpec
 from sparrow.targets import TargetAdapter
 from sparrow.video.processing import VideoInputs
 from sparrow.video.prompt import VIDEO_PART, render_chat
@@ -29,8 +30,8 @@ def chat(
     *,
     method: str = "ar",
     draft: DraftModel | None = None,
-    tree: TreeSpec | str = "30-4-8",
-    max_new_tokens: int = 256,
+    tree: TreeSpec | str = DEFAULT_TREE,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     sampling: SamplingParams | None = None,
     system: str | None = None,
     stdin: TextIO = sys.stdin,

@@ -23,12 +23,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from sparrow.decoding.generate import generate
-from sparrow.decoding.sampling import SamplingParams
-from sparrow.decoding.tree import TreeSpec
 from sparrow.draft import DraftModel
 from sparrow.errors import SparrowError
 from sparrow.serve.prefix_cache import PrefixCache
+from sparrow.speculative.generate import generate
+from sparrow.speculative.sampling import SamplingParams
+from sparrow.speculative.tree import DEFAULT_TREE, TreeSpec
 from sparrow.targets import TargetAdapter
 from sparrow.video.processing import VideoInputs
 
@@ -69,7 +69,7 @@ class Engine:
         target: TargetAdapter,
         draft: DraftModel | None = None,
         method: str = "ar",
-        tree: TreeSpec | str = "30-4-8",
+        tree: TreeSpec | str = DEFAULT_TREE,
         max_queue: int = 64,
         generate_fn: Callable = generate,
         prefix_cache: PrefixCache | None = None,

@@ -25,7 +25,14 @@ __all__ = ["ADAPTERS", "PrefillOutput", "StepOutput", "TargetAdapter", "load_tar
 
 def wrap_model(model: PreTrainedModel, tokenizer=None, processor_config: dict | None = None,
                name: str | None = None) -> TargetAdapter:
-    """Wrap a video LLM already in memory."""
+    """Wrap a video LLM already in memory for decoding.
+
+    Wrapping changes the model in place, as decoding needs: it is put in eval mode, its
+    language model's attention implementation becomes sparrow's tree-aware one, and its CPU
+    fp32 `nn.Linear` modules run through oneDNN-packed weights (same parameters, state_dict
+    and results to fp32 rounding). `adapter.unwrap()` undoes all three; `with
+    adapter.unwrapped() as model:` undoes them for a block. `load_target` makes these changes
+    on a model it loads itself."""
     model_type = model.config.model_type
     if model_type not in ADAPTERS:
         raise CheckpointError(
@@ -42,27 +49,20 @@ def load_target(spec: str | Path, dtype: torch.dtype = torch.float32,
     --out WEIGHTS`) or `tiny:<family>` (a tiny random model, seed 0)."""
     spec = str(spec)
     if spec == "reference" or spec.startswith("reference:"):
-        from sparrow import reference
+        from sparrow.fixture import load_reference
 
-        weights = Path(spec.split(":", 1)[1]) if ":" in spec else reference.WEIGHTS_FILE
-        if ":" in spec and not weights.is_file():
-            raise CheckpointError(f"--target {spec}: no weights file {weights}; export one with "
-                                  "python -m sparrow.training.reference_train RUN_DIR --stage "
-                                  f"export --out {weights}")
-        target = load_target(reference.checkpoint(weights), dtype=dtype, device=device)
-        target.name = spec
-        return target
+        return load_reference(spec, dtype, device)
     if spec.startswith("tiny:"):
-        from sparrow import testing
+        from sparrow.targets import tiny
 
         family = spec.split(":", 1)[1]
-        if family not in testing.FAMILIES:
+        if family not in tiny.FAMILIES:
             raise CheckpointError(
                 f"--target {spec}: unknown tiny family; choose one of "
-                + ", ".join(f"tiny:{f}" for f in testing.FAMILIES)
+                + ", ".join(f"tiny:{f}" for f in tiny.FAMILIES)
             )
-        model = testing.tiny_model(family).to(device=device, dtype=dtype)
-        return wrap_model(model, testing.tiny_tokenizer(family), testing.processor_config(family),
+        model = tiny.tiny_model(family).to(device=device, dtype=dtype)
+        return wrap_model(model, tiny.tiny_tokenizer(family), tiny.processor_config(family),
                           name=spec)
     directory = Path(spec)
     if not (directory / "config.json").is_file():

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -26,10 +28,10 @@ from typing import TYPE_CHECKING
 import torch
 from transformers import PreTrainedModel
 
-from sparrow.decoding.attention import TreeMask, register
-from sparrow.decoding.cache import StaticKVCache
-from sparrow.decoding.linear import pack_linears
 from sparrow.errors import CheckpointError
+from sparrow.runtime.attention import TreeMask, register
+from sparrow.runtime.cache import StaticKVCache
+from sparrow.runtime.linear import pack_linears, unpack_linears
 from sparrow.video.prompt import video_token_id
 
 if TYPE_CHECKING:
@@ -91,18 +93,15 @@ class TargetAdapter:
         processor_config: dict | None = None,
         name: str | None = None,
     ):
-        self.model = model.eval()
-        # CPU fp32 linears through oneDNN's packed kernels (1.7-1.9x MKL's at M = 1-16 on the
-        # AMD EPYC measured; same results to fp32 rounding): see sparrow.decoding.linear.
-        pack_linears(self.model)
+        self.model = model
         self.tokenizer = tokenizer
         self.processor_config = processor_config
         self.name = name or getattr(model.config, "_name_or_path", "") or model.config.model_type
         self.config = model.config
         self.text_config = model.config.get_text_config()
-        # Route only the language model's attention through the tree-aware kernel; the vision
-        # tower keeps its own implementation.
-        self.text_config._attn_implementation = register()
+        self._was_training = model.training
+        self._attention = self.text_config._attn_implementation
+        self._adapt()
         self.num_layers: int = self.text_config.num_hidden_layers
         self.hidden_size: int = self.text_config.hidden_size
         self.vocab_size: int = self.text_config.vocab_size
@@ -112,6 +111,33 @@ class TargetAdapter:
         self.position_offset: float = 0
         self.prompt: PrefillOutput | None = None  # the last prefilled prompt
         self._prompt_video: str | None = None  # fingerprint of its video
+
+    # ---- what wrapping changes on the model, and undoing it ------------------------------
+    def _adapt(self) -> None:
+        """The three changes decoding needs (see `wrap_model`): eval mode; the language
+        model's attention through the tree-aware kernel (the vision tower keeps its own); CPU
+        fp32 linears through oneDNN's packed kernels (`sparrow.runtime.linear`: same
+        parameters and state_dict, same results to fp32 rounding)."""
+        self.model.eval()
+        self.text_config._attn_implementation = register()
+        pack_linears(self.model)
+
+    def unwrap(self) -> PreTrainedModel:
+        """Undo what wrapping changed on the model (attention implementation, packed linears,
+        eval mode) and return it as it was given. The adapter must not decode afterwards."""
+        unpack_linears(self.model)
+        self.text_config._attn_implementation = self._attention
+        self.model.train(self._was_training)
+        return self.model
+
+    @contextmanager
+    def unwrapped(self) -> Iterator[PreTrainedModel]:
+        """The model as it was given, for the duration of a `with` block (e.g. to run
+        transformers' own `generate` on it); the adapter's changes come back after."""
+        try:
+            yield self.unwrap()
+        finally:
+            self._adapt()
 
     # ---- family hooks -------------------------------------------------------------------
     def video_token_id(self) -> int:

@@ -1,0 +1,36 @@
+"""The one door from the core to the reference fixture (`sparrow.reference`): the named target
+`reference[:WEIGHTS]` and the fixture's command (`sparrow eval-target`). Nothing else outside
+`sparrow.reference` imports it, and it is imported only when one of these is used."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from sparrow.errors import CheckpointError
+
+
+def load_reference(spec: str, dtype: torch.dtype, device: str | torch.device):
+    """`reference` (the shipped eyes) or `reference:WEIGHTS` (other trained eyes, e.g. a training
+    checkpoint exported with `python -m sparrow.reference.train RUN --stage export --out W`)."""
+    from sparrow.reference import assembly
+    from sparrow.targets import load_target
+
+    weights = Path(spec.split(":", 1)[1]) if ":" in spec else assembly.WEIGHTS_FILE
+    if ":" in spec and not weights.is_file():
+        raise CheckpointError(f"--target {spec}: no weights file {weights}; export one with "
+                              "python -m sparrow.reference.train RUN_DIR --stage "
+                              f"export --out {weights}")
+    target = load_target(assembly.checkpoint(weights), dtype=dtype, device=device)
+    target.name = spec
+    return target
+
+
+def add_commands(subparsers) -> dict[str, Callable[[argparse.Namespace], int]]:
+    """Add the fixture's subcommands to the `sparrow` parser; returns their handlers by name."""
+    from sparrow.reference import eval_target
+
+    return eval_target.add_command(subparsers)

@@ -1,0 +1,198 @@
+"""The decoding loop: one loop for plain (AR) and speculative (sparrow / eagle) decoding.
+
+    prefill -> first token
+    repeat: propose a tree rooted at the last token -> verify it in one target forward
+            -> accept a path (+ bonus token) -> keep that path in both caches -> emit
+
+Plain decoding is the same loop with a proposer that drafts nothing: the tree is the root
+alone, the verify forward is one decode step, and the bonus token is the next token.
+Stopping follows transformers' `generate`: a token in eos_token_ids is emitted and ends the
+answer; at most max_new_tokens tokens are emitted. See accept.py for tau, bonus, DSR/ESR.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from sparrow.draft import DraftModel
+from sparrow.errors import ConfigError
+from sparrow.speculative.accept import accept_greedy, accept_sampled
+from sparrow.speculative.proposers import DraftProposer, NoDraftProposer
+from sparrow.speculative.sampling import GREEDY, SamplingParams
+from sparrow.speculative.tree import DEFAULT_TREE, TreeSpec
+from sparrow.targets.base import TargetAdapter
+
+METHODS = ("ar", "sparrow", "eagle")
+
+
+@dataclass
+class Timings:
+    prefill_s: float = 0.0
+    decode_s: float = 0.0  # everything after the prefill: draft + verify + bookkeeping
+    draft_s: float = 0.0
+    verify_s: float = 0.0
+
+
+@dataclass
+class GenerationResult:
+    token_ids: list[int]  # generated tokens only
+    method: str
+    num_prompt_tokens: int
+    num_visual_tokens: int
+    target_calls: int  # target forwards after the prefill (verification calls)
+    accepted_lengths: list[int]  # tokens emitted per verification call (bonus included)
+    finish_reason: str  # "eos", "length", or "stopped" (by the on_tokens callback)
+    timings: Timings = field(default_factory=Timings)
+    draft_cache_length: int | None = None  # draft KV positions at the end (None for ar)
+
+    @property
+    def tau(self) -> float:
+        """Mean accepted length: tokens emitted per verification call, bonus included."""
+        return sum(self.accepted_lengths) / max(1, self.target_calls)
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["tau"] = self.tau
+        return data
+
+
+class _Clock:
+    """Wall-clock sections, synchronising the accelerator so GPU time lands where it is spent."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def now(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+
+def _proposer(method: str, draft: DraftModel | None, target: TargetAdapter, tree: TreeSpec):
+    if method == "ar":
+        return NoDraftProposer()
+    if draft is None:
+        raise ConfigError(f"--method {method} needs a draft: pass --draft DIR")
+    # The checkpoint is the same in both modes; the method decides how it is run.
+    return DraftProposer(draft, target, tree, mode=method)
+
+
+def _emit(new_tokens: list[int], emitted: list[int], eos: set[int], max_new_tokens: int) -> str:
+    """Append tokens to `emitted` as `generate` would: stop after an EOS token (kept) or at
+    max_new_tokens. Returns the finish reason, or "" to go on."""
+    for token in new_tokens:
+        emitted.append(token)
+        if token in eos:
+            return "eos"
+        if len(emitted) >= max_new_tokens:
+            return "length"
+    return ""
+
+
+def _pick(logits: torch.Tensor, sampling: SamplingParams, generator: torch.Generator | None) -> int:
+    """The target's own choice from (V,) logits: argmax, or a sample of its distribution."""
+    if sampling.greedy:
+        return int(logits.argmax())
+    probs = sampling.probabilities(logits[None])[0]
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+@torch.no_grad()
+def generate(
+    target: TargetAdapter,
+    input_ids: torch.Tensor,
+    video=None,
+    *,
+    method: str = "ar",
+    draft: DraftModel | None = None,
+    tree: TreeSpec | str = DEFAULT_TREE,
+    max_new_tokens: int = 256,
+    sampling: SamplingParams = GREEDY,
+    eos_token_ids: list[int] | None = None,
+    proposer=None,
+    on_tokens=None,
+    prefix=None,
+) -> GenerationResult:
+    """Generate an answer to `input_ids` (1, L) (+ `video`, a VideoInputs) with `method`.
+
+    `proposer` overrides the method's proposer (anything with start/propose/commit and a
+    `cache_length`, see drafter.py): the extension point for other drafting strategies.
+    `on_tokens(list[int])` is called with the tokens each target call emits, as they come
+    (streaming); returning True from it stops generation (finish_reason "stopped").
+    `prefix` (a PrefixState from `target.snapshot()`) skips prefilling the part of the prompt
+    it covers, video included; `target.snapshot()` after this call keeps this prompt.
+    """
+    if method not in METHODS:
+        raise ConfigError(f"--method {method!r}: choose one of {', '.join(METHODS)}")
+    if max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens {max_new_tokens}: must be >= 1")
+    tree = TreeSpec.parse(tree) if isinstance(tree, str) else tree
+    if proposer is None:
+        proposer = _proposer(method, draft, target, tree)
+    eos = set(target.eos_token_ids if eos_token_ids is None else eos_token_ids)
+    generator = None
+    if not sampling.greedy:
+        generator = torch.Generator(device=target.device)
+        generator.manual_seed(sampling.seed if sampling.seed is not None else torch.seed())
+
+    clock = _Clock(target.device)
+    timings = Timings()
+    t0 = clock.now()
+    prefill = target.prefill(
+        input_ids, video, capacity=max_new_tokens + tree.total_tokens + 1, prefix=prefix
+    )
+    first = _pick(prefill.logits, sampling, generator)
+    timings.prefill_s = clock.now() - t0
+
+    emitted, accepted_lengths = [first], []
+    finish = "eos" if first in eos else ("length" if max_new_tokens == 1 else "")
+    if on_tokens is not None and on_tokens([first]) and not finish:
+        finish = "stopped"
+    t_decode = clock.now()
+    if not finish:
+        t = clock.now()
+        proposer.start(prefill, first, capacity=max_new_tokens + tree.total_tokens)
+        timings.draft_s += clock.now() - t
+    root = first
+    while not finish:
+        t = clock.now()
+        candidates = proposer.propose(root)
+        t_verify = clock.now()
+        timings.draft_s += t_verify - t
+        start = target.cache_length
+        mask = candidates.ancestor_mask() if len(candidates) > 1 else None
+        out = target.forward(candidates.tokens, candidates.depths, mask)
+        if sampling.greedy:
+            decision = accept_greedy(candidates, out.logits)
+        else:
+            decision = accept_sampled(candidates, out.logits, sampling, generator)
+        path = torch.tensor(decision.path)
+        target.keep(start, path.to(target.device))
+        timings.verify_s += clock.now() - t_verify
+        new_tokens = candidates.tokens[path[1:]].tolist() + [decision.bonus]
+        before = len(emitted)
+        finish = _emit(new_tokens, emitted, eos, max_new_tokens)
+        accepted_lengths.append(len(emitted) - before)  # tokens cut by a stop do not count
+        if on_tokens is not None and on_tokens(emitted[before:]) and not finish:
+            finish = "stopped"
+        if finish:
+            break
+        t = clock.now()
+        proposer.commit(out.hidden[path.to(out.hidden.device)], torch.tensor(new_tokens))
+        timings.draft_s += clock.now() - t
+        root = decision.bonus
+    timings.decode_s = clock.now() - t_decode
+    return GenerationResult(
+        token_ids=emitted,
+        method=method,
+        num_prompt_tokens=int(prefill.input_ids.shape[0]),
+        num_visual_tokens=int(prefill.visual_mask.sum()),
+        target_calls=len(accepted_lengths),
+        accepted_lengths=accepted_lengths,
+        finish_reason=finish,
+        timings=timings,
+        draft_cache_length=proposer.cache_length,
+    )

@@ -1,1 +1,0 @@
-"""Training: the reference target's eyes (`reference_data`, `reference_train`)."""

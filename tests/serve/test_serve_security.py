@@ -1,0 +1,96 @@
+"""Local videos only under --media-root (no existence oracle), the API key, upload limits."""
+
+from __future__ import annotations
+
+import base64
+import os
+
+import openai
+import pytest
+import requests
+
+import sparrow
+from sparrow.serve.media import FORBIDDEN
+from tests.serve.serving import serving
+
+
+@pytest.fixture(scope="module")
+def target():
+    return sparrow.load_target("tiny:qwen2_vl")
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory, video_file):
+    root = tmp_path_factory.mktemp("root")
+    outside = tmp_path_factory.mktemp("outside")
+    clip = open(video_file(4), "rb").read()
+    (root / "sub").mkdir()
+    (root / "sub" / "inside.mp4").write_bytes(clip)
+    (outside / "secret.mp4").write_bytes(clip)
+    os.symlink(outside / "secret.mp4", root / "link_out.mp4")
+    os.symlink(root / "sub" / "inside.mp4", root / "link_in.mp4")
+    return root, outside
+
+
+def _ask(url, video_url, headers=None):
+    body = {"model": "tiny", "max_tokens": 2, "messages": [{"role": "user", "content": [
+        {"type": "video_url", "video_url": {"url": video_url}}, {"type": "text", "text": "Hi"}]}]}
+    return requests.post(f"{url}/v1/chat/completions", json=body, headers=headers, timeout=60)
+
+
+def test_paths_outside_the_media_roots_are_refused_alike(target, dirs):
+    root, outside = dirs
+    with serving(target, media_roots=[root]) as (url, _):
+        for allowed in (f"{root}/sub/inside.mp4", f"file://{root}/sub/inside.mp4",
+                        "sub/inside.mp4", f"{root}/link_in.mp4", f"{root}/sub/../sub/inside.mp4"):
+            assert _ask(url, allowed).status_code == 200, allowed
+        refused = [f"{outside}/secret.mp4", f"{outside}/missing.mp4", f"file://{outside}/secret.mp4",
+                   f"{root}/../{outside.name}/secret.mp4", f"{root}/../{outside.name}/missing.mp4",
+                   "../" + outside.name + "/secret.mp4", f"{root}/link_out.mp4", "/etc/passwd",
+                   "/nonexistent/x.mp4", f"{root}/sub/\u0000inside.mp4"]
+        bodies = set()
+        for path in refused:
+            response = _ask(url, path)
+            assert response.status_code == 403, path
+            bodies.add(response.text)
+        assert len(bodies) == 1 and FORBIDDEN in bodies.pop()  # one answer for all
+
+
+def test_no_media_root_means_uploads_only(target, dirs):
+    root, _ = dirs
+    clip = (root / "sub" / "inside.mp4").read_bytes()
+    with serving(target) as (url, _):
+        assert _ask(url, f"{root}/sub/inside.mp4").status_code == 403
+        assert _ask(url, f"{root}/sub/missing.mp4").status_code == 403
+        upload = "data:video/mp4;base64," + base64.b64encode(clip).decode()
+        assert _ask(url, upload).status_code == 200
+
+
+def test_upload_size_limit_answers_413(target, dirs):
+    root, _ = dirs
+    clip = (root / "sub" / "inside.mp4").read_bytes()
+    upload = "data:video/mp4;base64," + base64.b64encode(clip).decode()
+    with serving(target, max_upload_bytes=len(upload) // 2) as (url, _):
+        response = _ask(url, upload)
+        assert response.status_code == 413 and "error" in response.json()
+        chunked = requests.post(f"{url}/v1/chat/completions", timeout=60,
+                                data=iter([b'{"model": "tiny", "x": "', b"y" * len(upload), b'"}']))
+        assert chunked.status_code == 413  # no Content-Length: counted while reading
+        assert _ask(url, "data:video/mp4;base64,AAAA").status_code == 400  # small: serves on
+
+
+def test_api_key_guards_everything_but_health(target, monkeypatch):
+    with serving(target, api_key="s3cret") as (url, _):
+        assert requests.get(f"{url}/health", timeout=10).status_code == 200
+        for path in ("/v1/models", "/openapi.json", "/docs"):
+            assert requests.get(f"{url}{path}", timeout=10).status_code == 401
+            wrong = requests.get(f"{url}{path}", headers={"Authorization": "Bearer nope"}, timeout=10)
+            assert wrong.status_code == 401 and wrong.json()["error"]["type"] == "authentication_error"
+        good = {"Authorization": "Bearer s3cret"}
+        assert requests.get(f"{url}/v1/models", headers=good, timeout=10).status_code == 200
+        body = {"model": "tiny", "max_tokens": 2, "messages": [{"role": "user", "content": "Hi"}]}
+        assert requests.post(f"{url}/v1/chat/completions", json=body, timeout=60).status_code == 401
+        api = openai.OpenAI(base_url=f"{url}/v1", api_key="s3cret", max_retries=0)
+        assert api.chat.completions.create(**body).choices[0].message.content is not None
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"{url}/v1", api_key="nope", max_retries=0).models.list()

@@ -1,0 +1,144 @@
+"""Greedy speculative output equals transformers' own `generate`, token for token.
+
+Every family, text-only and with videos of different frame counts, trees from a chain of one
+draft token to wide ones, random-init drafts in both attention modes, with and without an EOS
+inside the budget. Random drafts are mostly rejected, so a second set of tests drives the same
+loop with an oracle proposer that puts the target's true continuation deep in wide trees, as
+a non-first sibling: long accepted paths and non-contiguous cache compaction get exercised.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sparrow.api import prepare_video
+from sparrow.draft import init_draft
+from sparrow.speculative.generate import generate
+from sparrow.speculative.proposers import DraftProposer
+from sparrow.speculative.tree import Tree, TreeSpec
+from sparrow.video.prompt import build_video_prompt
+from tests.helpers import reference_generate
+
+PROMPTS = ["What happens in the video?", "Describe the colours, then count the objects."]
+TREES = ["2-1-1", "5-4-1", "30-4-8", "60-7-10"]
+MAX_NEW = 24
+
+
+def _inputs(target, video_file, frames: int, prompt: str):
+    video = prepare_video(target, video_file(frames), num_frames=frames) if frames else None
+    return build_video_prompt(target.tokenizer, target.config, video, prompt), video
+
+
+@pytest.mark.parametrize("frames", [0, 4, 8])
+def test_greedy_speculative_equals_generate(target, video_file, frames):
+    for prompt in PROMPTS:
+        input_ids, video = _inputs(target, video_file, frames, prompt)
+        reference = reference_generate(target, input_ids, video, MAX_NEW, target.eos_token_ids)
+        assert len(reference) == MAX_NEW
+        for method in ("ar", "sparrow", "eagle"):
+            draft = None if method == "ar" else init_draft(target, method, seed=frames)
+            for tree in TREES if method != "ar" else TREES[:1]:
+                result = generate(target, input_ids, video, method=method, draft=draft,
+                                  tree=tree, max_new_tokens=MAX_NEW)
+                assert result.token_ids == reference, (method, tree, prompt)
+                assert sum(result.accepted_lengths) == len(reference) - 1
+
+
+def test_eos_inside_budget_stops_like_generate(target, video_file):
+    input_ids, video = _inputs(target, video_file, 4, PROMPTS[0])
+    free_run = reference_generate(target, input_ids, video, MAX_NEW, target.eos_token_ids)
+    # Declare a token the target produces mid-answer as EOS: both must stop right after it.
+    eos = [free_run[len(free_run) // 2]]
+    reference = reference_generate(target, input_ids, video, MAX_NEW, eos)
+    assert len(reference) < MAX_NEW and reference[-1] == eos[0]
+    for method in ("ar", "sparrow", "eagle"):
+        draft = None if method == "ar" else init_draft(target, method)
+        result = generate(target, input_ids, video, method=method, draft=draft, tree="30-4-8",
+                          max_new_tokens=MAX_NEW, eos_token_ids=eos)
+        assert result.token_ids == reference
+        assert result.finish_reason == "eos"
+
+
+class OracleProposer(DraftProposer):
+    """Drafts with the real draft, then grafts the target's true continuation into the tree,
+    as the last child wherever the draft missed it (so its cache slots are not the first)."""
+
+    def __init__(self, draft, target, spec, truth: list[int], depth: int):
+        super().__init__(draft, target, spec)
+        self.truth, self.depth, self.emitted = truth, depth, 1
+
+    def start(self, prefill, first_token, capacity):
+        super().start(prefill, first_token, capacity)
+        self.emitted = 1  # tokens of `truth` emitted so far
+
+    def commit(self, features, next_tokens):
+        self.emitted += int(next_tokens.shape[0])
+        super().commit(features, next_tokens)
+
+    def propose(self, root: int) -> Tree:
+        tree = super().propose(root)
+        chain = self.truth[self.emitted : self.emitted + self.depth]
+        tokens, parents = tree.tokens.tolist(), tree.parents.tolist()
+        depths, scores = tree.depths.tolist(), tree.scores.tolist()
+        parent = 0
+        for token in chain:
+            existing = [i for i, p in enumerate(parents) if p == parent and tokens[i] == token]
+            if existing:  # the draft found this one itself: graft below it
+                parent = existing[0]
+                continue
+            tokens.append(token)
+            parents.append(parent)
+            depths.append(depths[parent] + 1)
+            scores.append(-1e9)  # tried last among siblings
+            parent = len(tokens) - 1
+        order = sorted(range(len(tokens)), key=lambda i: (depths[i], i))
+        where = {old: new for new, old in enumerate(order)}
+        return Tree(
+            tokens=torch.tensor([tokens[i] for i in order]),
+            parents=torch.tensor([-1 if parents[i] < 0 else where[parents[i]] for i in order]),
+            depths=torch.tensor([depths[i] for i in order]),
+            scores=torch.tensor([scores[i] for i in order]),
+        )
+
+
+@pytest.mark.parametrize("mode", ["sparrow", "eagle"])
+def test_long_accepted_paths_stay_lossless(target, video_file, mode):
+    input_ids, video = _inputs(target, video_file, 8, PROMPTS[1])
+    reference = reference_generate(target, input_ids, video, 40, target.eos_token_ids)
+    for depth, spec in ((1, "2-1-1"), (4, "30-4-8"), (6, "60-7-10")):
+        proposer = OracleProposer(init_draft(target, mode), target, TreeSpec.parse(spec),
+                                  reference, depth)
+        result = generate(target, input_ids, video, method=mode, proposer=proposer,
+                          tree=spec, max_new_tokens=40)
+        assert result.token_ids == reference
+        # The oracle chain is accepted whole every round: depth + 1 tokens per call.
+        assert result.target_calls == -(-(len(reference) - 1) // (depth + 1))
+
+
+def test_draft_cache_holds_only_text_in_sparrow_mode(target, video_file):
+    results = {}
+    for frames in (4, 8):
+        input_ids, video = _inputs(target, video_file, frames, PROMPTS[0])
+        text_tokens = int((input_ids[0] != target.video_token_id()).sum())
+        for mode in ("sparrow", "eagle"):
+            result = generate(target, input_ids, video, method=mode,
+                              draft=init_draft(target, mode), max_new_tokens=16)
+            committed = sum(result.accepted_lengths[:-1])  # the last round is never fed back
+            prompt_pairs = text_tokens if mode == "sparrow" else input_ids.shape[1]
+            assert result.draft_cache_length == prompt_pairs + committed
+            results[frames, mode] = result
+    assert results[4, "sparrow"].num_visual_tokens < results[8, "sparrow"].num_visual_tokens
+
+
+def test_streaming_callback_sees_every_token_in_order_and_can_stop(target):
+    input_ids = torch.tensor([target.tokenizer("stream me a story").input_ids])
+    draft = init_draft(target, "sparrow")
+    chunks: list[list[int]] = []
+    result = generate(target, input_ids, method="sparrow", draft=draft, max_new_tokens=20,
+                      on_tokens=lambda tokens: chunks.append(list(tokens)))
+    assert [t for chunk in chunks for t in chunk] == result.token_ids
+    assert len(chunks) == result.target_calls + 1  # the prefill's token, then one per call
+    stopped = generate(target, input_ids, method="sparrow", draft=draft, max_new_tokens=20,
+                       on_tokens=lambda tokens: True)
+    assert stopped.finish_reason == "stopped" and stopped.token_ids == result.token_ids[:1]
