@@ -7,15 +7,16 @@ tokens at its end. Three cases, all without copying the KV cache:
 * prefill of a fresh cache (queries == keys): causal SDPA with native GQA;
 * one new token (AR decode step): it sees the whole cache, no mask; on a CPU with a cache of
   at least `native.MIN_LENGTH` tokens it runs the native split-K kernel of
-  `sparrow.runtime.native` (2x SDPA's speed at 25k tokens), else SDPA;
+  `sparrow.runtime.native` (faster than SDPA over a long cache; docs/runtime.md), else SDPA;
 * q new tokens over a cached prefix (tree verification, or a prompt appended to a cached
   video): the prefix is fully visible and the new tokens see the last m cache positions
   through a (q, m) visibility, the `sparrow_mask` argument (a `TreeMask`, one per forward,
   shared by every layer). On a CPU with a long cache the native kernel of
-  `sparrow.runtime.native` reads that visibility directly (1.7-2x SDPA's speed at 25k
-  tokens); otherwise SDPA runs with the query heads that share a KV head packed into the
-  query-length axis (GQA packing), so the grouped keys/values are read once instead of being
-  repeated per head, under the additive mask the `TreeMask` builds once for all layers.
+  `sparrow.runtime.native` reads that visibility directly (faster than SDPA over a long
+  cache; docs/runtime.md); otherwise SDPA runs with the query heads that share a KV head
+  packed into the query-length axis (GQA packing), so the grouped keys/values are read once
+  instead of being repeated per head, under the additive mask the `TreeMask` builds once for
+  all layers.
 
 The mask rides through the model as a keyword argument (`model(..., sparrow_mask=mask)`), which
 transformers forwards untouched to every attention call: no state is stored on the model.
@@ -101,15 +102,14 @@ def sparrow_attention(
         return out.transpose(1, 2), None
     if query.device.type != "cpu":
         # GPU kernels handle GQA natively and split a long cache over many thread blocks;
-        # packing the query heads into the query axis leaves them a handful of blocks (H100,
-        # 25k cache, per layer: decode 0.27 vs 2.48 ms fp32). Every head shares one
-        # (1, 1, q, T) mask.
+        # packing the query heads into the query axis leaves them a handful of blocks, far
+        # slower over a long cache (docs/runtime.md). Every head shares one (1, 1, q, T) mask.
         # Known cost: under a mask, SDPA has no fused GQA kernel and falls back to its math
-        # kernel, which repeats K/V per query head (a copy of the cache per layer). Measured on
-        # an H200 (fp32, 25k cache, verify of 16): this path 16.3 ms; the copy-free variant
-        # (each KV head a batch entry, expanded over its query heads with stride 0, run by the
-        # memory-efficient kernel) 40.6 ms, as that kernel does not split a long cache over
-        # thread blocks. A split-KV tree kernel is what would remove the copy.
+        # kernel, which repeats K/V per query head (a copy of the cache per layer). The
+        # copy-free variant (each KV head a batch entry, expanded over its query heads with
+        # stride 0, run by the memory-efficient kernel) is slower than the copy over a long
+        # cache, as that kernel does not split a long cache over thread blocks
+        # (docs/runtime.md). A split-KV tree kernel is what would remove the copy.
         mask = None if sparrow_mask is None else sparrow_mask.additive(1)
         out = F.scaled_dot_product_attention(
             query, key, value, attn_mask=mask, scale=scaling, enable_gqa=groups > 1

@@ -1,31 +1,25 @@
 """Prepacked oneDNN linears for CPU inference.
 
-On CPU, torch runs an fp32 `nn.Linear` through MKL. On this project's machines (AMD EPYC,
-AVX-512) MKL takes a slow path: one decode step's weight stream (M = 1) moved 12.6 GB/s
-against 30 GB/s for a plain `sum` over the same bytes, and M = 16 (a verify) reached half of
-oneDNN's GFLOP/s. oneDNN picks its kernels by instruction set, not by vendor; with the weight
-reordered once into its blocked layout (`torch.ops.mkldnn._reorder_linear_weight`, what
-torch.compile's CPU backend does when it freezes a model) the same linears of a 120M
-Qwen2-shaped model took (2 threads, ms per pass over every linear but lm_head):
-
-    rows M        1     16     32     64    512   2048
-    MKL         21.2   33.0   57.3   92.0   548   2049
-    oneDNN      12.7   17.4   26.9   48.0   381   1477
-
-(`benchmarks/verify_cost.py` measures whole steps both ways.) Results agree with MKL to fp32
-rounding (max relative difference ~1e-6), so this is a kernel choice, like the attention
-implementation: the model's modules, parameters and `state_dict` are unchanged, and the model
-class is not touched.
+On CPU, torch runs an fp32 `nn.Linear` through MKL. On the CPUs this project was measured on,
+MKL takes a slow path for the skinny matrices of decoding and verification (one row, or a
+tree's few): it streams the weights well below a plain read of them. oneDNN picks its kernels
+by instruction set, not by vendor; with the weight reordered once into its blocked layout
+(`torch.ops.mkldnn._reorder_linear_weight`, what torch.compile's CPU backend does when it
+freezes a model) its packed kernels ran the linears faster than MKL at every row count
+measured, from a decode step's to a prefill's (measurements: docs/runtime.md;
+`benchmarks/verify_cost.py` measures whole steps both ways). Results agree with MKL to fp32
+rounding, so this is a kernel choice, like the attention implementation: the model's modules,
+parameters and `state_dict` are unchanged, and the model class is not touched.
 
 `pack_linears(model)` gives each CPU fp32 `nn.Linear` its packed weight and routes the
 module's forward through it when it is safe: fp32 input and weight on CPU, and no autograd
-needed. Anything else (training, another device or dtype) takes `F.linear` as before.
+needed. Anything else (training, another device or dtype) takes `F.linear`, as unpacked.
 If the weight changes after packing (in place, or replaced), it is packed again on next use.
 The packed copy costs as much memory as the weights it covers.
 
 One input row (an AR decode step, M = 1) goes to `native.linear` instead, a plain C pass over
-the weight's own rows: there oneDNN streamed the weights at 14-41 GB/s per shape, the C pass
-at 47-60 GB/s (2 threads; `benchmarks/verify_cost.py`). A model that only decodes never packs.
+the weight's own rows, which streams the weights faster than oneDNN's packed kernel does on one
+row (docs/runtime.md). A model that only decodes never packs.
 """
 
 from __future__ import annotations
@@ -36,7 +30,7 @@ from torch import nn
 
 from sparrow.runtime import native
 
-PACK_ROWS = 16  # the rows per call oneDNN chooses its layout for (measured best from 1 to 2048)
+PACK_ROWS = 16  # the rows per call oneDNN chooses its layout for; the fastest measured (docs/runtime.md)
 
 
 def available() -> bool:

@@ -4,25 +4,23 @@
 fp32 cache, `tree_attention` the attention of a tree's q tokens over it (`kernels/attention.c`
 says why and how); `linear` is a linear layer applied to one row, the weight stream of a
 decode step (`kernels/linear.c`). The C sources ship with the package; the first call compiles
-them (`cc -O3 -march=native -fopenmp`, about a second) into one library in
-`$SPARROW_HOME/kernels/`, named by a hash of the sources, the flags, the compiler and the CPU's
-feature flags, so a shared home never hands a library to a machine it was not built for. The
-library links the OpenMP runtime torch has already loaded, so its threads are torch's.
+them (`cc -O3 -march=native -fopenmp`) into one library in `$SPARROW_HOME/kernels/`, named by
+a hash of the sources, the flags, the compiler and the CPU's feature flags, so a shared home
+never hands a library to a machine it was not built for. The library links the OpenMP runtime
+torch has already loaded, so its threads are torch's.
 
 Without a compiler (or with SPARROW_NATIVE=0) nothing is built and callers fall back to
 torch's kernels: the functions return None. Each kernel is also built only where it beats
 torch's (`available`): the attention kernels with AVX-512, the row kernel with AVX-512 or AVX2.
-On an AVX2-only EPYC the portable C decode path this module had before ran 2.4-4.5x slower
-than SDPA and AVX2 builds of the attention kernels were no faster than SDPA (the numbers are
-in `kernels/attention.c`), so there attention stays with SDPA; the row kernel's AVX2 pass
-streams 1.2-1.9x faster than oneDNN's (`kernels/linear.c`).
+On CPUs with AVX2 but not AVX-512, attention stays with SDPA: neither a portable C path nor
+AVX2 builds of the attention kernels were faster than SDPA there; the row kernel's AVX2 pass
+does stream the weights faster than oneDNN's (measurements: docs/runtime.md).
 
 What is left of a CPU decode step besides these kernels is the model's own eager Python and
-small ops (~4-5 ms of ~14.5 ms for the 122M benchmark target at 2k cached tokens). Compiling
-the language model with torch.compile (inductor, CPU, dynamic shapes; these kernels registered
-as `torch.library.custom_op`s with fake kernels) was measured and not kept: 17.5 ms vs 14.5 ms
-eager per decode step (2026-11-26), because each custom-op call went through the dispatcher
-into Python (~13 us, 97 calls a step), more than the fused small ops saved.
+small ops. The language model is not compiled with torch.compile: with these kernels
+registered as `torch.library.custom_op`s, each call goes through the dispatcher into Python,
+and a decode step makes enough of them that this costs more than fusing the small ops saves
+(docs/runtime.md).
 """
 
 from __future__ import annotations
@@ -41,7 +39,7 @@ import torch
 
 KERNELS = Path(__file__).parent / "kernels"
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
-MIN_LENGTH = 2048  # shorter caches keep SDPA (the call costs a few microseconds more)
+MIN_LENGTH = 2048  # shorter caches keep SDPA: there the native call costs more (measured: docs/runtime.md)
 CHUNK = 512  # keys per work item at most: fp32 sums over at most 512 terms before the merge
 # Query rows per KV head (query heads per KV head x new tokens) above which tree attention leaves
 # the work to SDPA: each work item keeps every row's partial result, and long appended prompts

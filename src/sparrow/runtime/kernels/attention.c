@@ -3,23 +3,20 @@
  * (or of a prompt appended to a cached video).
  *
  * decode_attention. Why: torch's CPU SDPA runs a decode step's attention as small-M matrix
- * products (M = the query heads that share a KV head, 6 for the benchmark shape) at ~50
- * GFLOP/s, ~2.5 ms per layer over a 25k-token cache, about a third of the memory bandwidth that
- * reading K and V needs. Here each thread takes a chunk of the cache of one KV head, reads every
- * key and value once (scores for all of the head's queries from one load of a key), and the
- * chunks are merged with their softmax maxima and sums (split-K, "flash decoding"). 12 layers
- * at 25k: 29.2 ms with SDPA, 10.3 ms here, within ~10% of a plain read of the same K and V.
+ * products (M = the query heads that share a KV head, 6 for the benchmark shape), which use a
+ * fraction of the memory bandwidth that reading K and V needs. Here each thread takes a chunk of
+ * the cache of one KV head, reads every key and value once (scores for all of the head's queries
+ * from one load of a key), and the chunks are merged with their softmax maxima and sums (split-K,
+ * "flash decoding"), so a decode step's attention costs about a plain read of its K and V
+ * (measurements: docs/runtime.md).
  *
  * Layout: q and out (kv_heads, groups, dim) contiguous; k and v rows of `dim` contiguous floats,
  * row r of head h at base + h * head_stride + r * row_stride (a view of a preallocated cache).
- * fp32 throughout; differs from SDPA by summation order and exp rounding (~1e-7 relative).
+ * fp32 throughout; differs from SDPA by summation order and exp rounding only.
  *
  * AVX-512 only (`decode_attention_available`, `tree_attention_available`; elsewhere both return
- * -1 and the caller keeps SDPA). Measured on an AVX2-only EPYC (2 threads, 12 query / 2 KV
- * heads of 64, 2026-11-26): the portable C path this file had for such CPUs ran a decode step's
- * attention 2.4-4.5x slower than SDPA (0.73 vs 0.18 ms at 2k keys, 16.7 vs 6.9 at 25k), and an
- * 8-lane AVX2 build of these same kernels (`vector.h`'s operations, 4 x 3 register blocks) was
- * still no faster than SDPA: decode 0.68-0.91x, tree verify 0.94-1.06x from 8k to 25k keys. */
+ * -1 and the caller keeps SDPA): on CPUs with AVX2 but not AVX-512, neither portable C nor an
+ * AVX2 build of these kernels was faster than SDPA (docs/runtime.md). */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -30,11 +27,11 @@
 #define MAX_GROUPS 64
 
 #if defined(__AVX512F__)
-/* exp(x) for x <= 0 (scores minus their maximum), on 16 lanes: libm's expf is a scalar call
- * (~20 ns; 150k of them per layer at a 25k cache made the first version of this kernel slower
- * than SDPA). Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, exp(r) by a degree-6 polynomial,
- * 2^n through the exponent bits; within ~2 ulp of expf. Inputs below -87 (masked keys: -inf)
- * give 0, as expf's result there is below 2^-125 (a denormal) or zero. */
+/* exp(x) for x <= 0 (scores minus their maximum), on 16 lanes: libm's expf is a scalar call,
+ * and one call per score costs more than SDPA's whole attention over a long cache
+ * (docs/runtime.md). Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, exp(r) by a degree-6
+ * polynomial, 2^n through the exponent bits; within ~2 ulp of expf. Inputs below -87 (masked
+ * keys: -inf) give 0, as expf's result there is below 2^-125 (a denormal) or zero. */
 static inline __m512 exp_nonpositive16(__m512 input) {
     __m512 x = _mm512_max_ps(input, _mm512_set1_ps(-87.0f));
     __m512 n = _mm512_roundscale_ps(
@@ -60,7 +57,7 @@ static void exponentiate(float *scores, int64_t n, int64_t groups, const float *
     for (int64_t g = 0; g < groups; g++) {
         float *row = scores + g * n;
         /* explicit vectors: left to the compiler (omp simd over the scalar function) this loop
-         * ran scalar and cost a third of the decode kernel's time */
+         * stays scalar, a large part of the decode kernel's time (docs/runtime.md) */
         const __m512 m = _mm512_set1_ps(maxima[g]);
         __m512 total = _mm512_setzero_ps();
         for (int64_t t = 0; t < n; t += VECTOR) {
@@ -250,8 +247,8 @@ int decode_attention(const float *q, const float *k, const float *v, float *out,
 /* tree_attention. q new tokens over a cached prefix: every prefix key is visible to all of
  * them, and among the last `masked` keys (the tree, or the drafted levels) `visible` says which
  * ones each new token sees. Why: torch's CPU SDPA runs this (the query heads of a KV head packed
- * into the query axis, an additive (G*q, T) mask) at ~100 GFLOP/s over a 25k cache: a verify of
- * 16 tokens spent 149 ms in attention against 102 ms at the machine's matrix-product rate.
+ * into the query axis, an additive (G*q, T) mask) below the machine's matrix-product rate over a
+ * long cache (docs/runtime.md).
  *
  * Work items are (KV head, chunk of keys) as in decode_attention. Within an item, query rows go
  * in blocks of 48 (3 vectors of 16) and the arithmetic runs with rows along the vector lanes, so

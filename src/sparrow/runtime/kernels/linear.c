@@ -1,22 +1,17 @@
 /* y = W x + b for one input row (the linears of an AR decode step), for CPUs.
  *
- * Why: a decode step reads every weight once, so its linears are a stream of the weights. Over
- * the linears of a 120M Qwen2-shaped model, oneDNN's packed kernel streamed 14-41 GB/s per
- * shape (down to 14 GB/s for a 768 x 128 projection) and MKL ~13 GB/s, where a plain pass of 16
- * rows at a time, reduced together, streams 47-60 GB/s on the same machine (2 threads).
+ * Why: a decode step reads every weight once, so its linears are a stream of the weights, and
+ * on one row oneDNN's packed kernel and MKL stream them more slowly than this plain pass over
+ * VECTOR rows at a time, reduced together (measurements: docs/runtime.md).
  *
  * W: (out, in) rows of `in` contiguous floats, `row` floats apart (nn.Linear's weight); x:
  * `in` floats; b: `out` floats or NULL; y: `out` floats. Threads take blocks of VECTOR output
  * rows (16 with AVX-512, 8 with AVX2). fp32; differs from torch's kernels by summation order
- * only (AVX2, 768 x 768 to 32000 x 768, 3 draws each: max error against float64 1.2-5.1e-5,
- * torch's 2.3-10.3e-5, never above 1.2x torch's).
+ * only, with an error against float64 of the same size as theirs (docs/runtime.md).
  *
- * On an AVX2-only EPYC (2 threads, 2026-11-26) the 8-lane pass streamed 30-53 GB/s over the
- * benchmark target's 768 x 768, 2048 x 768 and 768 x 2048 linears, against oneDNN's packed
- * kernel at 16-29 GB/s and MKL at 21-29; lm_head (32000 x 768) 34 GB/s, oneDNN 27, MKL 14; the
- * k / v projection (128 x 768) 12 GB/s, oneDNN 3, MKL 13. Without AVX-512 or AVX2
- * (`linear_row_available`) the caller keeps torch's kernels: a scalar pass streams far slower
- * and, summing serially, was up to 2.4x less exact. */
+ * The 8-lane AVX2 pass also streams the weights faster than oneDNN's packed kernel
+ * (docs/runtime.md). Without AVX-512 or AVX2 (`linear_row_available`) the caller keeps torch's
+ * kernels: a scalar pass streams far slower and, summing serially, is less exact. */
 #include <stdint.h>
 #include <stddef.h>
 

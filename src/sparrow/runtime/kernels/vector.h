@@ -3,9 +3,9 @@
  * (8 lanes), whichever the compiler targets (-march=native). With neither, SPARROW_VECTORIZED
  * is 0 and the row kernel says it is not available (the caller keeps torch's kernels).
  *
- * The AVX-512 operations are the intrinsics the row kernel was first written with, one to one
- * (an AVX-512 build of it is the same instructions as before the AVX2 path was added: compared
- * with objdump); each AVX2 one computes the same lanes. */
+ * The AVX-512 operations are, one to one, the intrinsics the row kernel would use written
+ * directly, so the header costs its AVX-512 build nothing (docs/runtime.md); each AVX2 one
+ * computes the same lanes. */
 #ifndef SPARROW_VECTOR_H
 #define SPARROW_VECTOR_H
 
