@@ -27,17 +27,41 @@ def test_prefill_returns_mask_hidden_and_mid_layer_states(target, video_file):
 
         kwargs["mm_token_type_ids"] = mm_token_type_ids(input_ids, target.config)
     kwargs = {key: value.to(target.device) for key, value in kwargs.items()}
-    text_config = target.text_config
-    text_config._attn_implementation = "sdpa"
-    try:
-        with torch.no_grad():
-            ref = target.model(input_ids.to(target.device), output_hidden_states=True, **kwargs)
-    finally:
-        text_config._attn_implementation = "sparrow"
+    with torch.no_grad(), target.unwrapped() as model:
+        ref = model(input_ids.to(target.device), output_hidden_states=True, **kwargs)
     torch.testing.assert_close(out.logits, ref.logits[0, -1], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(out.mid_hidden, ref.hidden_states[1][0], atol=1e-5, rtol=1e-5)
     # The last hidden state feeds lm_head: logits are reproduced from it.
     torch.testing.assert_close(target.lm_head(out.hidden[-1]), out.logits, atol=1e-4, rtol=1e-4)
+
+
+def test_wrapping_a_model_is_undone_by_unwrap(family):
+    """wrap_model changes the model as documented (eval mode, tree-aware attention, packed CPU
+    linears) and `unwrapped()` / `unwrap()` give it back exactly as it was."""
+    from sparrow.runtime.linear import PackedLinear, available
+    from sparrow.targets import wrap_model
+    from sparrow.targets.tiny import processor_config, tiny_model, tiny_tokenizer
+
+    model = tiny_model(family).train()
+    text_config = model.config.get_text_config()
+    attention = text_config._attn_implementation
+    classes = [type(module) for module in model.modules()]
+    state = {key: value.clone() for key, value in model.state_dict().items()}
+
+    def as_given() -> None:
+        assert model.training and text_config._attn_implementation == attention
+        assert [type(module) for module in model.modules()] == classes
+
+    target = wrap_model(model, tiny_tokenizer(family), processor_config(family))
+    assert not model.training and text_config._attn_implementation == "sparrow"
+    assert any(type(module) is PackedLinear for module in model.modules()) == available()
+    with target.unwrapped() as given:
+        assert given is model
+        as_given()
+    assert text_config._attn_implementation == "sparrow"  # the adapter's changes are back
+    assert target.unwrap() is model
+    as_given()
+    assert all(torch.equal(value, state[key]) for key, value in model.state_dict().items())
 
 
 def test_no_state_leaks_between_requests(target, video_file):

@@ -6,7 +6,7 @@ ordinary Hugging Face checkpoint directory under the cache, named by the weights
 
 The language model is SmolLM2-135M-Instruct (offline, see `sparrow.reference.smollm2`), loaded unchanged
 into LLaVA-OneVision's `language_model` + `lm_head`; the vision tower (SigLIP-shaped) and the
-projector are small and trained here on `sparrow.reference.synthetic` (issue 3). This module builds
+projector are small and trained here on `sparrow.reference.synthetic`. This module builds
 the model for a given tower shape, with the tower's weights when they exist.
 
 Placeholders: SmolLM2's vocabulary has no image/video tokens and its embedding has no spare
@@ -34,17 +34,14 @@ WEIGHTS_FILE = Path(__file__).parent / "weights" / "reference-eyes.safetensors"
 VIDEO_TOKEN = "<jupyter_output>"  # id 14 in SmolLM2's vocabulary
 IMAGE_TOKEN = "<jupyter_text>"  # id 12
 
-# The shipped reference target's shape (see MODEL_CARD.md for why): 128x128 frames cut into 8x8
-# patches of 16 px, pooled to 4x4 = 16 visual tokens per frame (+ one newline per video), a
-# 4-layer 192-wide tower. (64x64 frames with 8 px patches, same token count, left the tower
-# unable to tell shapes apart: 0.19 per-patch shape accuracy after 500 pre-training steps.)
-# The tower takes 6 channels: each frame and its difference from the frame T // 8 earlier
-# (`sparrow_temporal_difference` below), so a per-frame tower sees motion, entries, exits and
-# colour changes. 1/8 of the clip at any length: the eyes stage learns differences from its
+# The shipped reference target's shape (MODEL_CARD.md, "Why this shape", has the measurements):
+# 128x128 frames cut into 8x8 patches of 16 px, pooled to 4x4 = 16 visual tokens per frame (+ one
+# newline per video), a 4-layer 192-wide tower; smaller frames with smaller patches, the same
+# token count, left the tower unable to tell shapes apart. The tower takes 6 channels: each frame
+# and its difference from the frame T // 8 earlier (`sparrow_temporal_difference` below), so a
+# per-frame tower sees motion, entries, exits and colour changes, which a 3-channel tower's
+# captions missed. 1/8 of the clip at any length: the eyes stage learns differences from its
 # 8-frame clips 1-3 frames apart, so clips of every length show it the displacements it knows.
-# Without them (3 channels, runs of 2026-11-26) the caption model learned what is in a video
-# (objects 0.77-0.91) but not what happens (motion 0.2-0.4, enter / leave / colour change /
-# order ~0 at 1,000 of 3,000 steps, twice).
 TOWER = dict(hidden_size=192, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
              image_size=128, patch_size=16, vision_use_head=False, num_channels=6)
 TEMPORAL_PARTS = 8
@@ -54,12 +51,8 @@ ROPE_SCALING = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embed
 # Video positions: each visual token advances the rotary position by 1/4 (a frame's 16 tokens
 # span 4 positions), text tokens by 1 (config attribute `sparrow_video_position_step`, see
 # sparrow.targets.llava), so the longest benchmark video (25,585 visual tokens) spans ~6,400
-# positions, inside SmolLM2's 8,192-token training context. Measured (MODEL_CARD.md, "Video
-# positions"): the step-1 weights read 6k- and 25k-token videos as well with it as without it
-# before any training with it; an 80-step long-stage sitting with it then read 6,129-token
-# videos at 0.811 against 0.733 (+0.078, se 0.061, 16 held-out videos; 0.788 on 48), short ones
-# the same, 25,585-token ones the same (0.578 against 0.581 on 16); a fourth sitting with it, on
-# 1,024- and 1,600-frame clips after a frozen prefix, then 25,585-token ones at 0.679 (+0.101).
+# positions, inside SmolLM2's 8,192-token training context, where its attention was trained
+# (MODEL_CARD.md, "Why this shape": "Video positions at a quarter step").
 VIDEO_POSITION_STEP = 0.25
 PROCESSOR_CONFIG = {
     "image_mean": [0.5, 0.5, 0.5],
