@@ -45,8 +45,9 @@ def load_target(spec: str | Path, dtype: torch.dtype = torch.float32,
                 device: str | torch.device = "cpu") -> TargetAdapter:
     """Load a target: a checkpoint directory, `reference` (the built-in reference video LLM,
     assembled into the cache on first use), `reference:WEIGHTS` (the same architecture with
-    other trained eyes, e.g. a training checkpoint exported by `reference_train --stage export
-    --out WEIGHTS`) or `tiny:<family>` (a tiny random model, seed 0)."""
+    other trained eyes, e.g. a training checkpoint exported by `python -m
+    sparrow.reference.train RUN --stage export --out WEIGHTS`; these two through
+    `sparrow.fixture`) or `tiny:<family>` (a tiny random model, seed 0)."""
     spec = str(spec)
     if spec == "reference" or spec.startswith("reference:"):
         from sparrow.fixture import load_reference
