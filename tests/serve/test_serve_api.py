@@ -215,6 +215,29 @@ def test_unknown_route_and_method_get_openai_errors(server):
     assert wrong.status_code == 405 and "error" in wrong.json()
 
 
+def test_stream_is_sse_events_ending_in_done(server):
+    """The raw framing the openai client hides: each event one `data: <json>` line and a
+    blank line, one completion id throughout, the usage chunk last, then `data: [DONE]`."""
+    url, _ = server
+    body = _chat("Hi", stream=True, stream_options={"include_usage": True})
+    response = requests.post(f"{url}/v1/chat/completions", json=body, timeout=60)
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/event-stream")
+    assert response.headers["cache-control"] == "no-cache"
+    assert response.text.endswith("\n\n")
+    events = response.text[:-2].split("\n\n")
+    assert all(event.startswith("data: ") and "\n" not in event for event in events)
+    assert events[-1] == "data: [DONE]"
+    chunks = [json.loads(event[len("data: "):]) for event in events[:-1]]
+    assert chunks[0]["id"].startswith("chatcmpl-") and {c["id"] for c in chunks} == {chunks[0]["id"]}
+    assert all(c["object"] == "chat.completion.chunk" and c["model"] == "tiny" for c in chunks)
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    *_, finish, usage = chunks
+    assert finish["choices"][0]["finish_reason"] in ("stop", "length")
+    assert usage["choices"] == []
+    assert usage["usage"]["completion_tokens"] == len(finish["sparrow"]["token_ids"])
+
+
 def test_upload_as_data_url_equals_answer(server, models, media):
     url, _ = server
     video = media[1][0]

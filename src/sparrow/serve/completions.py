@@ -1,0 +1,274 @@
+"""POST /v1/chat/completions, one request from top to bottom.
+
+    chat_completions   read the body, check it, prepare the engine's inputs, submit the job
+    next_event         the engine's next event for the request, or 504 / client gone
+    complete_json      the whole answer as one chat.completion (stream: false)
+    stream_events      the answer as SSE chat.completion.chunk events (stream: true)
+
+The engine reports on its own thread through the job's sink; `post_event` hands each event
+to the request's asyncio queue, and the request waits on that queue while watching its
+deadline and its client. A timeout answers 504 (or, once a stream has started, ends it with
+an error event and no `[DONE]`); a client that disconnects stops its generation (and is
+logged as 499 if it left before the answer began).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from typing import TYPE_CHECKING
+
+from fastapi import Request
+from fastapi.responses import Response, StreamingResponse
+from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
+
+from sparrow.errors import SparrowError
+from sparrow.serve.engine import Engine, GenerationJob, QueueFull
+from sparrow.serve.errors import ApiError, timed_out, validation_message
+from sparrow.serve.media import MediaError
+from sparrow.serve.prepare import Prepared, prepare_request
+from sparrow.serve.prompt import Detokenizer
+from sparrow.serve.schemas import ChatCompletionRequest
+from sparrow.speculative.generate import GenerationResult
+
+if TYPE_CHECKING:  # app.py imports this module: the settings type is for annotations only
+    from sparrow.serve.app import ServeSettings
+
+FINISH_REASONS = {"eos": "stop", "length": "length"}
+POLL_S = 0.25  # how often a waiting request checks whether its client is still there
+
+# The statuses the endpoint answers, for the OpenAPI document.
+RESPONSES = {
+    200: {"description": "a chat.completion object, or an SSE stream of chat.completion.chunk"},
+    400: {"description": "invalid request"}, 401: {"description": "missing or wrong API key"},
+    403: {"description": "video path outside the media roots"},
+    404: {"description": "unknown model"}, 413: {"description": "request body too large"},
+    429: {"description": "queue full"}, 504: {"description": "request timed out"},
+}
+
+
+class ClientGone(Exception):
+    """The client disconnected while its request was waiting or generating."""
+
+
+@dataclass
+class InFlight:
+    """One request the engine has accepted, from submission to its last event."""
+
+    job: GenerationJob  # job.deadline: arrival + timeout_s; job.cancel stops the generation
+    events: asyncio.Queue  # (kind, payload) from the engine, in order (see engine.py)
+    client: Request  # polled for disconnection
+    model: str  # the model id the answer is labelled with
+    timeout_s: float  # for the 504's message
+    completion_id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
+    last_check: float = field(default_factory=time.monotonic)  # the last disconnection poll
+
+
+# No docstring: FastAPI would put it in the OpenAPI document.
+async def chat_completions(request: Request):
+    engine: Engine = request.app.state.engine
+    settings: ServeSettings = request.app.state.settings
+    arrived = time.monotonic()
+    req = await read_chat_request(request, settings)
+    try:
+        prepared = await run_in_threadpool(prepare_request, req, engine.target, settings)
+    except MediaError as error:
+        raise ApiError(error.status, str(error), param="messages") from error
+    except SparrowError as error:
+        raise ApiError(400, str(error)) from error
+    flight = submit(engine, prepared, request, settings, deadline=arrived + settings.timeout_s)
+    try:
+        # A stream starts at the first event; a single answer waits for the last one.
+        event = await next_event(flight)
+        while event[0] == "tokens" and not req.stream:
+            event = await next_event(flight)
+    except ClientGone:
+        return Response(status_code=499)
+    if event[0] not in ("tokens", "done"):
+        raise terminal_error(event, settings.timeout_s)
+    tokenizer = engine.target.tokenizer
+    if not req.stream:
+        return complete_json(flight, event[1], tokenizer)
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    return StreamingResponse(stream_events(flight, event, tokenizer, include_usage),
+                             media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+async def read_chat_request(request: Request, settings: ServeSettings) -> ChatCompletionRequest:
+    """The body, read by hand rather than declared to FastAPI: the size limit holds while it
+    arrives, and each fault (too large, not JSON, invalid, unknown model) is answered in
+    OpenAI's shape."""
+    body = await _read_body(request, settings.max_upload_bytes)
+    try:
+        data = json.loads(body)
+    except ValueError as error:
+        raise ApiError(400, f"request body is not valid JSON ({error})") from error
+    try:
+        req = ChatCompletionRequest.model_validate(data)
+    except ValidationError as error:
+        raise ApiError(400, validation_message(error.errors())) from error
+    if req.model != settings.model_id:
+        raise ApiError(404, f"model {req.model!r} is not served here; use {settings.model_id!r}",
+                       code="model_not_found", param="model")
+    return req
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    # Checked as it arrives too: a client may send no (or a false) Content-Length.
+    length = request.headers.get("content-length", "")
+    too_large = ApiError(413, f"request body over this server's limit of {limit} bytes "
+                              "(sparrow serve --max-upload-mb)", code="request_too_large")
+    if length.isdigit() and int(length) > limit:
+        raise too_large
+    chunks, size = [], 0
+    async for piece in request.stream():
+        size += len(piece)
+        if size > limit:
+            raise too_large
+        chunks.append(piece)
+    return b"".join(chunks)
+
+
+def submit(engine: Engine, prepared: Prepared, client: Request, settings: ServeSettings,
+           deadline: float) -> InFlight:
+    """Queue the generation (429 when the queue is full)."""
+    events: asyncio.Queue = asyncio.Queue()
+    job = GenerationJob(
+        input_ids=prepared.input_ids, video=prepared.video, video_key=prepared.video_key,
+        max_new_tokens=prepared.max_new_tokens, sampling=prepared.sampling,
+        deadline=deadline, sink=partial(post_event, asyncio.get_running_loop(), events),
+    )
+    try:
+        engine.submit(job)
+    except QueueFull:
+        raise ApiError(429, "the server's request queue is full; retry later",
+                       code="queue_full") from None
+    return InFlight(job, events, client, settings.model_id, settings.timeout_s)
+
+
+def post_event(loop: asyncio.AbstractEventLoop, events: asyncio.Queue, kind: str, payload) -> None:
+    """The job's sink, called on the engine thread: asyncio queues are not thread-safe, so
+    the event is put on the queue by the event loop's own thread."""
+    try:
+        loop.call_soon_threadsafe(events.put_nowait, (kind, payload))
+    except RuntimeError:  # the event loop is gone: the server is shutting down
+        pass
+
+
+async def next_event(flight: InFlight) -> tuple[str, object]:
+    """The engine's next event; raises the 504 ApiError past the deadline and ClientGone once
+    the client has disconnected, after cancelling the job either way."""
+    deadline = flight.job.deadline
+    while True:
+        now = time.monotonic()
+        if now >= deadline:
+            flight.job.cancel.set()
+            raise timed_out(flight.timeout_s)
+        if now - flight.last_check >= POLL_S:  # between events too: tokens may never pause
+            flight.last_check = now
+            if await flight.client.is_disconnected():
+                flight.job.cancel.set()
+                raise ClientGone
+        try:
+            return await asyncio.wait_for(flight.events.get(), min(POLL_S, deadline - now))
+        except TimeoutError:
+            continue
+
+
+def terminal_error(event: tuple[str, object], timeout_s: float) -> ApiError:
+    """The error for an engine event that ends a job without an answer."""
+    kind, payload = event
+    if kind == "timeout":
+        return timed_out(timeout_s)
+    if kind == "cancelled":
+        return ApiError(503, "the request was cancelled (server shutting down)")
+    if isinstance(payload, ApiError):
+        return payload
+    if isinstance(payload, SparrowError):
+        return ApiError(400, str(payload))
+    return ApiError(500, f"generation failed: {type(payload).__name__}")
+
+
+def complete_json(flight: InFlight, result: GenerationResult, tokenizer) -> dict:
+    """The chat.completion object, with OpenAI's usage and sparrow's own fields."""
+    text = tokenizer.decode(result.token_ids, skip_special_tokens=True)
+    return {
+        "id": flight.completion_id, "object": "chat.completion", "created": int(time.time()),
+        "model": flight.model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                     "finish_reason": FINISH_REASONS.get(result.finish_reason, "stop"),
+                     "logprobs": None}],
+        "usage": _usage(result), "sparrow": _sparrow_info(result),
+    }
+
+
+async def stream_events(flight: InFlight, first: tuple[str, object], tokenizer,
+                        include_usage: bool) -> AsyncIterator[str]:
+    """The SSE body, starting from the engine's first event: a role chunk, a chunk per new
+    piece of text, a last chunk with the finish reason and sparrow's fields, the usage chunk
+    if asked for, then `data: [DONE]`. A failure after the 200 went out (a timeout, a failed
+    generation) is sent as one error event, without [DONE]: the partial answer is not
+    completed."""
+    detokenizer = Detokenizer(tokenizer)
+    event = first
+    try:
+        yield chunk(flight, [_choice({"role": "assistant", "content": ""})])
+        while True:
+            kind, payload = event
+            if kind == "tokens":
+                if text := detokenizer.add(payload):
+                    yield chunk(flight, [_choice({"content": text})])
+            elif kind == "done":
+                if text := detokenizer.finish():
+                    yield chunk(flight, [_choice({"content": text})])
+                finish = FINISH_REASONS.get(payload.finish_reason, "stop")
+                yield chunk(flight, [_choice({}, finish)], sparrow=_sparrow_info(payload))
+                if include_usage:
+                    yield chunk(flight, [], usage=_usage(payload))
+                yield "data: [DONE]\n\n"
+                return
+            else:
+                yield _sse(terminal_error(event, flight.timeout_s).body())
+                return
+            try:
+                event = await next_event(flight)
+            except ApiError as error:  # the timeout
+                yield _sse(error.body())
+                return
+    except ClientGone:
+        return
+    finally:
+        flight.job.cancel.set()  # the client left (or all is done): stop generating for it
+
+
+def chunk(flight: InFlight, choices: list[dict], **extra) -> str:
+    """One chat.completion.chunk event; `choices` is empty only in the usage chunk."""
+    return _sse({"id": flight.completion_id, "object": "chat.completion.chunk",
+                 "created": int(time.time()), "model": flight.model, "choices": choices, **extra})
+
+
+def _choice(delta: dict, finish: str | None = None) -> dict:
+    return {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+
+
+def _sse(data: dict) -> str:
+    return f"data: {json.dumps(data)}\n\n"
+
+
+def _usage(result: GenerationResult) -> dict:
+    completion = len(result.token_ids)
+    return {"prompt_tokens": result.num_prompt_tokens, "completion_tokens": completion,
+            "total_tokens": result.num_prompt_tokens + completion}
+
+
+def _sparrow_info(result: GenerationResult) -> dict:
+    return {"method": result.method, "tau": result.tau, "target_calls": result.target_calls,
+            "accepted_lengths": result.accepted_lengths,
+            "num_visual_tokens": result.num_visual_tokens, "token_ids": result.token_ids,
+            "finish_reason": result.finish_reason, "timings": asdict(result.timings)}

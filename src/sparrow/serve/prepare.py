@@ -1,0 +1,143 @@
+"""A chat request turned into the engine's inputs: unsupported options and the server's
+limits refused (400), the video read and preprocessed, the conversation rendered to prompt
+ids, the sampling settings filled in. Runs on a worker thread: video decoding must not block
+the event loop.
+
+The frame sampling, prompt ids and sampling defaults are those of `sparrow.api.answer`, so
+the server's answer equals `sparrow generate`'s for the same video, question and settings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from sparrow.errors import SparrowError
+from sparrow.serve.errors import ApiError
+from sparrow.serve.media import video_file
+from sparrow.serve.schemas import ChatCompletionRequest
+from sparrow.speculative.sampling import SamplingParams
+from sparrow.targets import TargetAdapter
+from sparrow.video.io import read_video
+from sparrow.video.processing import VideoInputs, count_visual_tokens, preprocess_video
+from sparrow.video.prompt import VIDEO_PART, render_chat
+
+if TYPE_CHECKING:  # app.py imports this module: the settings type is for annotations only
+    from sparrow.serve.app import ServeSettings
+
+
+@dataclass
+class Prepared:
+    """A validated request, ready for the engine."""
+
+    input_ids: object  # (1, L) torch.long
+    video: VideoInputs | None
+    video_key: str | None  # the prefix cache's key: video digest + frame settings
+    max_new_tokens: int
+    sampling: SamplingParams
+
+
+def prepare_request(req: ChatCompletionRequest, target: TargetAdapter,
+                    settings: ServeSettings) -> Prepared:
+    """Raises ApiError (the checks here), MediaError (where the video comes from) or
+    SparrowError (the target refusing the prompt)."""
+    max_new_tokens, num_frames = _check_options(req, settings)
+    messages, video_url = _template_messages(req)
+    video, video_key = None, None
+    if video_url is not None:
+        video, video_key = _read_video(video_url, req, num_frames, target, settings)
+    input_ids = render_chat(target.tokenizer, target.config, messages, video)
+    context = getattr(target.config.get_text_config(), "max_position_embeddings", None)
+    if context and input_ids.shape[1] + max_new_tokens > context:
+        raise ApiError(400, f"the prompt ({input_ids.shape[1]} tokens) plus max_tokens "
+                            f"({max_new_tokens}) exceeds the model's context of {context} tokens")
+    sampling = SamplingParams(
+        temperature=req.temperature if req.temperature is not None else 0.0,
+        top_p=req.top_p if req.top_p is not None else 1.0,
+        top_k=req.top_k or 0,
+        seed=req.seed,
+    )
+    return Prepared(input_ids, video, video_key, max_new_tokens, sampling)
+
+
+def _check_options(req: ChatCompletionRequest, settings: ServeSettings) -> tuple[int, int | None]:
+    """Refuse what would change the answer unasked and what is over the server's limits;
+    returns (max_new_tokens, num_frames), num_frames None when the request samples by fps."""
+    if req.n not in (None, 1):
+        raise ApiError(400, "n must be 1", param="n")
+    if req.stop:
+        raise ApiError(400, "stop sequences are not supported", param="stop")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if getattr(req, name):
+            raise ApiError(400, f"{name} is not supported (the answer is the target's own)", param=name)
+    if req.logprobs:
+        raise ApiError(400, "logprobs are not supported", param="logprobs")
+    if req.tools:
+        raise ApiError(400, "tools are not supported", param="tools")
+    max_new_tokens = req.max_completion_tokens or req.max_tokens or settings.max_tokens
+    if max_new_tokens > settings.max_tokens:
+        raise ApiError(400, f"max_tokens {max_new_tokens} is over this server's limit of "
+                            f"{settings.max_tokens}", param="max_tokens")
+    if req.num_frames is not None and req.fps is not None:
+        raise ApiError(400, "give num_frames or fps, not both", param="num_frames")
+    num_frames = req.num_frames if req.fps is None else None
+    if num_frames is None and req.fps is None:
+        num_frames = settings.num_frames
+    if num_frames is not None and num_frames > settings.max_frames:
+        raise ApiError(400, f"num_frames {num_frames} is over this server's limit of "
+                            f"{settings.max_frames}", param="num_frames")
+    return max_new_tokens, num_frames
+
+
+def _template_messages(req: ChatCompletionRequest) -> tuple[list[dict], str | None]:
+    """The messages in chat-template form, and the url of the (at most one) video part."""
+    messages, video_url = [], None
+    for index, message in enumerate(req.messages):
+        role = "system" if message.role == "developer" else message.role
+        content = message.content if message.content is not None else ""
+        if isinstance(content, str):
+            parts = [{"type": "text", "text": content}]
+        else:
+            parts = []
+            for part in content:
+                if part.type == "text":
+                    parts.append({"type": "text", "text": part.text})
+                    continue
+                if role != "user":
+                    raise ApiError(400, f"messages[{index}]: a video can only be in a user message",
+                                   param="messages")
+                if video_url is not None:
+                    raise ApiError(400, "only one video per request is supported", param="messages")
+                video_url = part.video_url.url
+                parts.append(VIDEO_PART)
+        if role == "user":
+            messages.append({"role": role, "content": parts})
+        else:
+            messages.append({"role": role, "content": "".join(p["text"] for p in parts)})
+    return messages, video_url
+
+
+def _read_video(video_url: str, req: ChatCompletionRequest, num_frames: int | None,
+                target: TargetAdapter, settings: ServeSettings) -> tuple[VideoInputs, str]:
+    """The video's model inputs and its prefix-cache key, within the frame and visual-token
+    limits."""
+    with video_file(video_url, settings.media_roots, settings.max_upload_bytes) as (path, digest):
+        # With fps, read one frame over the limit to tell "too many" from "just enough".
+        try:
+            clip = read_video(path, num_frames=num_frames, fps=req.fps,
+                              max_frames=None if req.fps is None else settings.max_frames + 1)
+        except SparrowError as error:  # name the video as the client did, not our path
+            label = "the uploaded video" if video_url.startswith("data:") else video_url
+            raise ApiError(400, str(error).replace(str(path), label), param="messages") from error
+        if clip.num_frames > settings.max_frames:
+            raise ApiError(400, f"fps {req.fps:g} samples more than this server's limit of "
+                                f"{settings.max_frames} frames; lower fps", param="fps")
+        height, width = clip.frames.shape[1:3]
+        tokens = count_visual_tokens(target.config, target.processor_config, clip.num_frames,
+                                     height, width)
+        if tokens > settings.max_visual_tokens:
+            raise ApiError(400, f"the video needs {tokens} visual tokens, over this server's "
+                                f"limit of {settings.max_visual_tokens}; ask for fewer frames",
+                           param="num_frames")
+        video = preprocess_video(clip, target.config, target.processor_config, dtype=target.dtype)
+    return video, f"{digest}:frames={num_frames}:fps={req.fps}"
