@@ -9,14 +9,14 @@ the server's answer equals `sparrow generate`'s for the same video, question and
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from sparrow.errors import SparrowError
 from sparrow.serve.errors import ApiError
 from sparrow.serve.media import video_file
 from sparrow.serve.schemas import ChatCompletionRequest
-from sparrow.speculative.sampling import SamplingParams
+from sparrow.speculative.sampling import GREEDY, SamplingParams
 from sparrow.targets import TargetAdapter
 from sparrow.video.io import read_video
 from sparrow.video.processing import VideoInputs, count_visual_tokens, preprocess_video
@@ -51,12 +51,9 @@ def prepare_request(req: ChatCompletionRequest, target: TargetAdapter,
     if context and input_ids.shape[1] + max_new_tokens > context:
         raise ApiError(400, f"the prompt ({input_ids.shape[1]} tokens) plus max_tokens "
                             f"({max_new_tokens}) exceeds the model's context of {context} tokens")
-    sampling = SamplingParams(
-        temperature=req.temperature if req.temperature is not None else 0.0,
-        top_p=req.top_p if req.top_p is not None else 1.0,
-        top_k=req.top_k or 0,
-        seed=req.seed,
-    )
+    given = {"temperature": req.temperature, "top_p": req.top_p, "top_k": req.top_k,
+             "seed": req.seed}  # the rest keep sparrow's defaults (greedy), as on the CLI
+    sampling = replace(GREEDY, **{name: value for name, value in given.items() if value is not None})
     return Prepared(input_ids, video, video_key, max_new_tokens, sampling)
 
 
