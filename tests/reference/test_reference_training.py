@@ -11,8 +11,31 @@ import pytest
 import torch
 
 from sparrow.reference import assembly, smollm2, synthetic
-from sparrow.reference import train as rt
-from sparrow.reference import train_data as data
+from sparrow.reference.train import caption as caption_stage
+from sparrow.reference.train import cli, data
+from sparrow.reference.train import long as long_stage
+from sparrow.reference.train.align import patch_targets, region_index, train_align, word_embedding
+from sparrow.reference.train.batches import (
+    CAPTION_FRAMES,
+    batches,
+    caption_batch,
+    frame_spec,
+    frame_weights,
+    tokenize_conversation,
+)
+from sparrow.reference.train.caption import (
+    caption_loss,
+    caption_step,
+    describe_score,
+    language_states,
+    lr_scale,
+    train_caption,
+)
+from sparrow.reference.train.checkpoints import REWARM_STEPS, continue_from
+from sparrow.reference.train.data import resize_fn
+from sparrow.reference.train.eyes import eyes_view, frame_batch, pooled, train_eyes
+from sparrow.reference.train.long import LONG_FRAMES, LONG_POSE_REACH, skip_positions
+from sparrow.reference.train.model import LORA_TARGETS, autocast, build_caption_model, export
 from sparrow.targets.llava import prompt_positions, video_position_step
 from sparrow.video.processing import VideoInputs
 from sparrow.video.prompt import render_chat
@@ -22,7 +45,7 @@ from sparrow.video.prompt import render_chat
 def shard(tmp_path_factory):
     path = tmp_path_factory.mktemp("corpus") / "train-000.npz"
     tower = assembly.TOWER
-    return data.build_shard(path, [3, 4, 5], tower["image_size"], tower["patch_size"], rt._resize_fn(),
+    return data.build_shard(path, [3, 4, 5], tower["image_size"], tower["patch_size"], resize_fn(),
                             progress=False)
 
 
@@ -31,7 +54,7 @@ def test_corpus_is_its_shards_in_order(shard, tmp_path):
     the other, facts included."""
     tower = assembly.TOWER
     other = data.build_shard(tmp_path / "train-001.npz", [8, 9], tower["image_size"], tower["patch_size"],
-                             rt._resize_fn(), progress=False)
+                             resize_fn(), progress=False)
     first, second = data.load_shard(shard), data.load_shard(other)
     corpus = data.load_corpus([shard, other])
     assert [f.seed for f in corpus.facts] == [3, 4, 5, 8, 9]
@@ -150,7 +173,7 @@ def test_pooled_states_are_what_llava_onevision_hands_the_language_model():
     states = torch.randn(5, grid * grid, 12)
     theirs = LlavaOnevisionModel.apply_pooling(holder, states)
     assert theirs.shape == (5, grid * grid // 4, 12)
-    torch.testing.assert_close(rt.pooled(states), theirs)
+    torch.testing.assert_close(pooled(states), theirs)
 
 
 def test_every_patch_read_gives_each_patch_its_blocks_labels():
@@ -160,7 +183,7 @@ def test_every_patch_read_gives_each_patch_its_blocks_labels():
     states = torch.randn(2, grid * grid, 3)
     batch = {"pixels": torch.zeros(2, 6, 4, 4), "colour": torch.arange(2 * grid * grid // 4).reshape(2, -1),
              "count": torch.tensor([3, 5])}
-    views, labels = rt.eyes_view(states, batch, "every-patch")
+    views, labels = eyes_view(states, batch, "every-patch")
     assert views.shape == (8, grid * grid // 4, 3)
     for b in range(2):
         for i in range(2):
@@ -170,12 +193,12 @@ def test_every_patch_read_gives_each_patch_its_blocks_labels():
                         patch = (2 * row + i) * grid + 2 * col + j
                         block = row * grid // 2 + col
                         assert torch.equal(views[4 * b + 2 * i + j, block], states[b, patch])
-    torch.testing.assert_close(views.reshape(2, 4, -1, 3).mean(1), rt.pooled(states))
+    torch.testing.assert_close(views.reshape(2, 4, -1, 3).mean(1), pooled(states))
     assert labels["colour"].tolist() == [batch["colour"][b].tolist() for b in (0, 0, 0, 0, 1, 1, 1, 1)]
     assert labels["count"].tolist() == [3, 3, 3, 3, 5, 5, 5, 5] and labels["pixels"] is batch["pixels"]
-    assert rt.eyes_view(states, batch, "block-mean")[0].shape == (2, grid * grid // 4, 3)
+    assert eyes_view(states, batch, "block-mean")[0].shape == (2, grid * grid // 4, 3)
     with pytest.raises(ValueError, match="every-patch"):
-        rt.eyes_view(states, batch, "per-pixel")
+        eyes_view(states, batch, "per-pixel")
 
 
 def test_a_block_belongs_to_the_object_covering_most_of_it():
@@ -193,7 +216,7 @@ def test_a_block_belongs_to_the_object_covering_most_of_it():
 def test_frame_batches_label_each_block_with_its_objects_facts(shard):
     """Block labels are those of the block's object in that frame (colour, shape, size, centre)
     and background where no object is; temporal labels follow the block's object."""
-    batch = rt._frame_batch(data.load_shard(shard), np.random.default_rng(0), 64)
+    batch = frame_batch(data.load_shard(shard), np.random.default_rng(0), 64)
     blocks = (assembly.TOWER["image_size"] // assembly.TOWER["patch_size"] // 2) ** 2
     assert batch["colour"].shape == batch["motion"].shape == (64, blocks)
     assert batch["centre"].shape == (64, blocks, 2)
@@ -218,7 +241,7 @@ def test_training_conversations_tokenize_as_the_chat_template_does(tokenizer, de
     config = assembly.reference_config(assembly.TOWER, assembly.ROPE_SCALING)
     facts = synthetic.scene_facts(synthetic.generate_scene(11, 8, 128, 128))
     messages = data.conversation(facts, random.Random(0), describe_share=describe_share)
-    ids, mask = rt.tokenize_conversation(tokenizer, config, messages, num_visual_tokens=33)
+    ids, mask = tokenize_conversation(tokenizer, config, messages, num_visual_tokens=33)
     video = VideoInputs(torch.empty(0), None, 33, [], family="llava_onevision")
     whole = render_chat(tokenizer, config, messages, video)[0].tolist()
     generation_prompt = tokenizer("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
@@ -233,9 +256,9 @@ def test_eyes_training_resumes_exactly(shard, tmp_path):
     for run in (straight, resumed):
         run.mkdir()
     kwargs = dict(batch=16, lr=1e-3, seed=0, save_every=2, eval_every=100)
-    rt.train_eyes(straight, [shard], shard, steps=4, **kwargs)
-    rt.train_eyes(resumed, [shard], shard, steps=4, stop_at=2, **kwargs)  # "interrupted" at step 2
-    rt.train_eyes(resumed, [shard], shard, steps=4, **kwargs)  # continues from step 2
+    train_eyes(straight, [shard], shard, steps=4, **kwargs)
+    train_eyes(resumed, [shard], shard, steps=4, stop_at=2, **kwargs)  # "interrupted" at step 2
+    train_eyes(resumed, [shard], shard, steps=4, **kwargs)  # continues from step 2
     a, b = (torch.load(r / "eyes.pt", weights_only=True) for r in (straight, resumed))
     assert a["step"] == b["step"] == 4
     for key in a["tower"]:
@@ -243,7 +266,7 @@ def test_eyes_training_resumes_exactly(shard, tmp_path):
     logged = [json.loads(line) for line in (straight / "eyes.jsonl").read_text().splitlines()]
     assert logged[-1]["step"] == 4 and 0 <= logged[-1]["val"]["colour_acc"] <= 1
     with pytest.raises(SystemExit, match="--eyes-read every-patch"):  # another read would not resume it
-        rt.train_eyes(resumed, [shard], shard, steps=6, read="block-mean", **kwargs)
+        train_eyes(resumed, [shard], shard, steps=6, read="block-mean", **kwargs)
 
 
 def test_caption_training_resumes_exactly_and_exports_mergeable_weights(shard, tmp_path):
@@ -253,20 +276,20 @@ def test_caption_training_resumes_exactly_and_exports_mergeable_weights(shard, t
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     for run in (straight, resumed):
         run.mkdir()
-        rt.train_eyes(run, [shard], shard, steps=1, batch=8, lr=1e-3, seed=0, save_every=1, eval_every=100)
+        train_eyes(run, [shard], shard, steps=1, batch=8, lr=1e-3, seed=0, save_every=1, eval_every=100)
     kwargs = dict(budget=200, lr=1e-3, projector_lr=1e-3, rank=2, seed=0, save_every=1, eval_every=0)
-    rt.train_caption(straight, steps=2, **kwargs)
-    rt.train_caption(resumed, steps=2, stop_at=1, **kwargs)
-    rt.train_caption(resumed, steps=2, workers=2, **kwargs)
+    train_caption(straight, steps=2, **kwargs)
+    train_caption(resumed, steps=2, stop_at=1, **kwargs)
+    train_caption(resumed, steps=2, workers=2, **kwargs)
     a, b = (torch.load(r / "caption.pt", weights_only=True) for r in (straight, resumed))
     assert a["step"] == b["step"] == 2
     for key in a["trainable"]:
         torch.testing.assert_close(a["trainable"][key], b["trainable"][key], rtol=0, atol=0)
     assert any(v.abs().sum() > 0 for k, v in a["trainable"].items() if "lora_B" in k)  # it trained
 
-    weights = rt.export(straight, tmp_path / "eyes.safetensors")
+    weights = export(straight, tmp_path / "eyes.safetensors")
     state, lora, scale = assembly.read_weights(weights)
-    assert scale == 2.0 and len(lora) == 30 * len(rt.LORA_TARGETS)
+    assert scale == 2.0 and len(lora) == 30 * len(LORA_TARGETS)
     model, _, processor = assembly.build_shipped(weights)
     # the file records the shapes it was trained for, and assembly follows them
     assert assembly.weights_setup(weights) == (assembly.TOWER, assembly.ROPE_SCALING,
@@ -291,18 +314,18 @@ def test_long_stage_starts_from_the_caption_weights_resumes_exactly_and_is_expor
                                                                                  monkeypatch):
     # The straight run also evaluates after every step (a held-out check must neither end the
     # stage, as a variable it shadowed once did, nor change the training).
-    describe = rt.describe_score
-    monkeypatch.setattr(rt, "describe_score", lambda *a, **k: describe(*a, **k, max_new_tokens=3))
+    describe = describe_score
+    monkeypatch.setattr(caption_stage, "describe_score", lambda *a, **k: describe(*a, **k, max_new_tokens=3))
     runs = [tmp_path / "straight", tmp_path / "resumed"]
     kwargs = dict(budget=200, lr=1e-3, projector_lr=1e-3, rank=2, seed=0, save_every=1, eval_every=0)
     for run in runs:
         run.mkdir()
-        rt.train_eyes(run, [shard], shard, steps=1, batch=8, lr=1e-3, seed=0, save_every=1, eval_every=100)
-        rt.train_caption(run, steps=1, **kwargs)
+        train_eyes(run, [shard], shard, steps=1, batch=8, lr=1e-3, seed=0, save_every=1, eval_every=100)
+        train_caption(run, steps=1, **kwargs)
     long = dict(kwargs, stage="long", frames={4: 1, 6: 1}, warmup=1, pose_reach=3000)
-    rt.train_caption(runs[0], steps=2, **dict(long, eval_every=1, eval_frames=((4, 1),)))
-    rt.train_caption(runs[1], steps=2, stop_at=1, **long)
-    rt.train_caption(runs[1], steps=2, **long)
+    train_caption(runs[0], steps=2, **dict(long, eval_every=1, eval_frames=((4, 1),)))
+    train_caption(runs[1], steps=2, stop_at=1, **long)
+    train_caption(runs[1], steps=2, **long)
     caption = torch.load(runs[0] / "caption.pt", weights_only=True)
     a, b = (torch.load(r / "long.pt", weights_only=True) for r in runs)
     assert a["step"] == b["step"] == 2 and caption["step"] == 1  # the caption stage is left alone
@@ -315,13 +338,13 @@ def test_long_stage_starts_from_the_caption_weights_resumes_exactly_and_is_expor
     assert [r["step"] for r in logged if "eval_score" in r] == [1, 2]
     assert all(r["invented_events"] >= 0 for r in logged if "eval_score" in r)
     with pytest.raises(SystemExit, match="position reach 3000, not 0"):  # a stage keeps its reach
-        rt.train_caption(runs[1], steps=3, **dict(long, pose_reach=0))
+        train_caption(runs[1], steps=3, **dict(long, pose_reach=0))
     with pytest.raises(SystemExit, match="video position step 0.25, not 1.0"):  # ... and its positions
-        rt.train_caption(runs[1], steps=3, **dict(long, video_position_step=1.0))
+        train_caption(runs[1], steps=3, **dict(long, video_position_step=1.0))
 
     from safetensors import safe_open
 
-    weights = rt.export(runs[0], tmp_path / "eyes.safetensors")
+    weights = export(runs[0], tmp_path / "eyes.safetensors")
     with safe_open(str(weights), "pt") as file:
         assert file.metadata()["caption_steps"] == "1" and file.metadata()["long_steps"] == "2"
         assert file.metadata()["long_pose_reach"] == "3000" and "caption_pose_reach" not in file.metadata()
@@ -339,13 +362,13 @@ def test_a_sitting_continues_from_exported_weights(shard, tmp_path):
     export records where the optimizer started fresh."""
     first = tmp_path / "first"
     first.mkdir()
-    rt.train_eyes(first, [shard], shard, steps=1, batch=8, lr=1e-3, seed=0, save_every=1, eval_every=100)
+    train_eyes(first, [shard], shard, steps=1, batch=8, lr=1e-3, seed=0, save_every=1, eval_every=100)
     kwargs = dict(budget=200, lr=1e-3, projector_lr=1e-3, rank=2, seed=0, save_every=1, eval_every=0)
-    rt.train_caption(first, steps=3, stop_at=1, **kwargs)
-    weights = rt.export(first, tmp_path / "sitting-1.safetensors")
+    train_caption(first, steps=3, stop_at=1, **kwargs)
+    weights = export(first, tmp_path / "sitting-1.safetensors")
 
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    assert rt.continue_from(weights, straight, rank=2) == "caption"
+    assert continue_from(weights, straight, rank=2) == "caption"
     original, seeded = (torch.load(r / "caption.pt", weights_only=True) for r in (first, straight))
     assert seeded["step"] == 1 and "optimizer" not in seeded
     assert original["trainable"].keys() == seeded["trainable"].keys()
@@ -356,11 +379,11 @@ def test_a_sitting_continues_from_exported_weights(shard, tmp_path):
     for key, value in torch.load(straight / "eyes.pt", weights_only=True)["tower"].items():
         torch.testing.assert_close(value, tower[key], rtol=0, atol=0)
 
-    rt.train_caption(straight, steps=3, **kwargs)
-    rt.continue_from(weights, resumed, rank=2)
-    rt.train_caption(resumed, steps=3, stop_at=2, **kwargs)  # interrupted within the sitting
-    assert rt.continue_from(weights, resumed, rank=2) == "caption"  # seeded already: left alone
-    rt.train_caption(resumed, steps=3, **kwargs)
+    train_caption(straight, steps=3, **kwargs)
+    continue_from(weights, resumed, rank=2)
+    train_caption(resumed, steps=3, stop_at=2, **kwargs)  # interrupted within the sitting
+    assert continue_from(weights, resumed, rank=2) == "caption"  # seeded already: left alone
+    train_caption(resumed, steps=3, **kwargs)
     a, b = (torch.load(r / "caption.pt", weights_only=True) for r in (straight, resumed))
     assert a["step"] == b["step"] == 3 and a["fresh_optimizer_at"] == b["fresh_optimizer_at"] == [0, 1]
     for key in a["trainable"]:
@@ -377,26 +400,26 @@ def test_a_sitting_continues_from_exported_weights(shard, tmp_path):
     assert [r["step"] for r in logged] == [2, 3]
     for record in logged:  # step s (1-based) is schedule step s - 1, re-warmed from step 1
         step = record["step"] - 1
-        expected = 1e-3 * rt.lr_scale(step, 3, 50) * min(1.0, (step - 1 + 1) / rt.REWARM_STEPS)
+        expected = 1e-3 * lr_scale(step, 3, 50) * min(1.0, (step - 1 + 1) / REWARM_STEPS)
         assert record["lr"] == pytest.approx(expected)
 
     from safetensors import safe_open
 
-    with safe_open(str(rt.export(straight, tmp_path / "sitting-2.safetensors")), "pt") as file:
+    with safe_open(str(export(straight, tmp_path / "sitting-2.safetensors")), "pt") as file:
         assert file.metadata()["caption_steps"] == "3"
         assert file.metadata()["caption_fresh_optimizer_at"] == "0,1"
     # a sitting may go on with other video positions (same weights; the export records the new step)
-    assert rt.continue_from(weights, tmp_path / "plain", rank=2, video_position_step=1.0) == "caption"
+    assert continue_from(weights, tmp_path / "plain", rank=2, video_position_step=1.0) == "caption"
     assert torch.load(tmp_path / "plain" / "caption.pt", weights_only=True)["video_position_step"] == 1.0
-    with safe_open(str(rt.export(tmp_path / "plain", tmp_path / "plain.safetensors")), "pt") as file:
+    with safe_open(str(export(tmp_path / "plain", tmp_path / "plain.safetensors")), "pt") as file:
         assert file.metadata()["video_position_step"] == "1.0"
     assert assembly.weights_setup(tmp_path / "plain.safetensors")[3] == 1.0
     with pytest.raises(SystemExit, match="--rank 4"):
-        rt.continue_from(weights, tmp_path / "other", rank=4)
+        continue_from(weights, tmp_path / "other", rank=4)
     with pytest.raises(SystemExit, match="no such file"):
-        rt.continue_from(tmp_path / "missing.safetensors", tmp_path / "other", rank=2)
+        continue_from(tmp_path / "missing.safetensors", tmp_path / "other", rank=2)
     with pytest.raises(SystemExit, match="not an eyes stage"):
-        rt.train_eyes(straight, [shard], shard, steps=2, batch=8, lr=1e-3, seed=0, save_every=1,
+        train_eyes(straight, [shard], shard, steps=2, batch=8, lr=1e-3, seed=0, save_every=1,
                       eval_every=100)
 
 
@@ -410,15 +433,15 @@ def test_a_caption_stage_on_new_eyes_can_start_from_an_earlier_adapter(shard, tm
     kwargs = dict(budget=200, lr=1e-3, projector_lr=1e-3, rank=2, seed=0, save_every=1, eval_every=0)
     for run, seed in ((old, 0), (new, 1)):
         run.mkdir()
-        rt.train_eyes(run, [shard], shard, steps=1, batch=8, lr=1e-3, seed=seed, save_every=1, eval_every=100)
-    rt.train_caption(old, steps=2, **kwargs)
-    weights = rt.export(old, tmp_path / "old.safetensors")
+        train_eyes(run, [shard], shard, steps=1, batch=8, lr=1e-3, seed=seed, save_every=1, eval_every=100)
+    train_caption(old, steps=2, **kwargs)
+    weights = export(old, tmp_path / "old.safetensors")
     trained = torch.load(old / "caption.pt", weights_only=True)["trainable"]
 
     # A zero learning rate leaves the starting point in the checkpoint.
-    rt.train_caption(new, steps=2, stop_at=1, lora_weights=weights, **dict(kwargs, lr=0.0, projector_lr=0.0))
+    train_caption(new, steps=2, stop_at=1, lora_weights=weights, **dict(kwargs, lr=0.0, projector_lr=0.0))
     started = torch.load(new / "caption.pt", weights_only=True)
-    model, _ = rt.build_caption_model(new / "eyes.pt", rank=2)
+    model, _ = build_caption_model(new / "eyes.pt", rank=2)
     initial = {n: p for n, p in model.named_parameters() if p.requires_grad}
     lora = [k for k in trained if "lora_" in k]
     assert lora and any("lora_B" in k for k in lora)
@@ -431,43 +454,43 @@ def test_a_caption_stage_on_new_eyes_can_start_from_an_earlier_adapter(shard, tm
     digest = hashlib.sha256(weights.read_bytes()).hexdigest()[:12]
     assert started["lora_from"] == f"old.safetensors (sha256 {digest})"
 
-    rt.train_caption(new, steps=2, lora_weights=weights, **kwargs)  # resumes: the file is not read again
+    train_caption(new, steps=2, lora_weights=weights, **kwargs)  # resumes: the file is not read again
     logged = [json.loads(line) for line in (new / "caption.jsonl").read_text().splitlines()]
     assert [r["start"]["lora_from"] for r in logged if "start" in r] == [started["lora_from"]] * 2
     resumed = torch.load(new / "caption.pt", weights_only=True)
     assert resumed["step"] == 2 and any(not torch.equal(resumed["trainable"][k], started["trainable"][k])
                                         for k in lora)
-    exported = rt.export(new, tmp_path / "new.safetensors")
+    exported = export(new, tmp_path / "new.safetensors")
     with safe_open(str(exported), "pt") as file:
         assert file.metadata()["caption_lora_from"] == started["lora_from"]
-    rt.continue_from(exported, tmp_path / "next", rank=2)  # a later sitting keeps the provenance
-    with safe_open(str(rt.export(tmp_path / "next", tmp_path / "next.safetensors")), "pt") as file:
+    continue_from(exported, tmp_path / "next", rank=2)  # a later sitting keeps the provenance
+    with safe_open(str(export(tmp_path / "next", tmp_path / "next.safetensors")), "pt") as file:
         assert file.metadata()["caption_lora_from"] == started["lora_from"]
 
     other = tmp_path / "other"
     other.mkdir()
     (other / "eyes.pt").write_bytes((new / "eyes.pt").read_bytes())
     with pytest.raises(SystemExit, match="LoRA rank 2, not --rank 4"):
-        rt.train_caption(other, steps=1, lora_weights=weights, **dict(kwargs, rank=4))
+        train_caption(other, steps=1, lora_weights=weights, **dict(kwargs, rank=4))
     with pytest.raises(SystemExit, match="give one of them"):
-        rt.main([str(other), "--continue-from", str(weights), "--lora-from", str(weights)])
+        cli.main([str(other), "--continue-from", str(weights), "--lora-from", str(weights)])
 
 
 def test_continuing_a_long_stage_file_goes_on_with_the_long_stage_alone(tmp_path, monkeypatch):
-    """A file past its caption stage (v5: 1,000 caption steps, fewer than --caption-steps'
-    default) must not reopen that stage: `--continue-from FILE` trains the long stage, then
+    """A file past its caption stage (which may have run fewer caption steps than
+    --caption-steps' default) must not reopen that stage: `--continue-from FILE` trains the long stage, then
     exports; `--stage caption` with such a file says what to run instead."""
     ran, run = [], [str(tmp_path / "run"), "--continue-from", str(tmp_path / "w.safetensors")]
-    monkeypatch.setattr(rt, "continue_from", lambda weights, run, rank, step, reach: "long")
-    monkeypatch.setattr(rt, "train_caption", lambda run, steps, *a, stage="caption", **k: ran.append(stage))
-    monkeypatch.setattr(rt, "export", lambda run, out: ran.append("export") or out)
-    rt.main([*run, "--long-steps", "300"])
+    monkeypatch.setattr(cli, "continue_from", lambda weights, run, rank, step, reach: "long")
+    monkeypatch.setattr(cli, "train_caption", lambda run, steps, *a, stage="caption", **k: ran.append(stage))
+    monkeypatch.setattr(cli, "export", lambda run, out: ran.append("export") or out)
+    cli.main([*run, "--long-steps", "300"])
     assert ran == ["long", "export"]
     with pytest.raises(SystemExit, match="past its caption stage; go on with --stage long"):
-        rt.main([*run, "--stage", "caption"])
-    monkeypatch.setattr(rt, "continue_from", lambda weights, run, rank, step, reach: "caption")
+        cli.main([*run, "--stage", "caption"])
+    monkeypatch.setattr(cli, "continue_from", lambda weights, run, rank, step, reach: "caption")
     ran.clear()
-    rt.main(run)
+    cli.main(run)
     assert ran == ["caption", "long", "export"]  # a caption-stage file goes on through both
 
 
@@ -480,12 +503,12 @@ def test_missing_weights_say_how_to_make_them(tmp_path):
 
 def test_caption_batches_fill_a_token_budget_with_one_frame_count(tokenizer, tmp_path):
     config = assembly.reference_config(assembly.TOWER, assembly.ROPE_SCALING)
-    resize = rt._resize_fn()
+    resize = resize_fn()
     for step in range(3):
-        batch = rt._caption_batch(tokenizer, config, resize, tmp_path, seed=1, step=step, budget=900,
+        batch = caption_batch(tokenizer, config, resize, tmp_path, seed=1, step=step, budget=900,
                                   per_frame=16)
         size, frames = batch["pixel_values_videos"].shape[:2]
-        assert frames in rt.CAPTION_FRAMES and batch["pixel_values_videos"].shape[2:] == (6, 128, 128)
+        assert frames in CAPTION_FRAMES and batch["pixel_values_videos"].shape[2:] == (6, 128, 128)
         assert size == 1 or int(batch["attention_mask"].sum()) <= 900
         video_tokens = (batch["input_ids"] == config.video_token_index).sum(dim=1)
         assert video_tokens.tolist() == [frames * 16 + 1] * size
@@ -495,11 +518,11 @@ def test_caption_batches_fill_a_token_budget_with_one_frame_count(tokenizer, tmp
 
 def test_skip_positions_keep_order_and_pieces_and_reach_the_distances_asked_for():
     rng = random.Random(0)
-    assert torch.equal(rt.skip_positions(50, 50, rng), torch.arange(50))  # nothing to spread
+    assert torch.equal(skip_positions(50, 50, rng), torch.arange(50))  # nothing to spread
     farthest = 0
     for chunks, within in ((2, None), (3, None), (2, range(30, 60))):
         for _ in range(200):
-            positions = rt.skip_positions(100, 1000, rng, within, chunks)
+            positions = skip_positions(100, 1000, rng, within, chunks)
             steps = positions[1:] - positions[:-1]
             assert positions[0] == 0 and int(positions[-1]) < 1000 and (steps >= 1).all()
             assert int((steps > 1).sum()) <= chunks - 1  # consecutive inside each piece
@@ -514,11 +537,11 @@ def test_pose_batches_are_the_same_conversations_with_some_rows_spread(tokenizer
     """Rows carry the positions inference gives their prompt (`prompt_positions`: visual tokens
     advance by the model's video position step), and PoSE moves some rows on inside the video."""
     config = assembly.reference_config(assembly.TOWER, assembly.ROPE_SCALING, video_step)
-    resize = rt._resize_fn()
+    resize = resize_fn()
     spread = plain = 0
     for step in range(4):
         args = (tokenizer, config, resize, tmp_path, 1, step, 900, 16, {4: 1}, "long")
-        batch, without = rt._caption_batch(*args, pose_reach=5000), rt._caption_batch(*args)
+        batch, without = caption_batch(*args, pose_reach=5000), caption_batch(*args)
         assert ("position_ids" in without) == (video_step != 1)
         for key, value in without.items():
             if key != "position_ids":
@@ -552,8 +575,8 @@ def test_align_targets_are_the_words_for_what_is_on_each_patch(tokenizer):
         "background_colours": torch.tensor([[float(c == "beige") for c in data.BACKGROUND_COLOUR_NAMES]]),
         "centre": torch.tensor([[[0.0, 0.0], [0.9, 0.2]]]),  # the circle's centre: top right
     }
-    target = rt.patch_targets(tokenizer, embeddings, batch)  # (1, 2, 8)
-    word = lambda w: rt.word_embedding(tokenizer, embeddings, w)  # noqa: E731
+    target = patch_targets(tokenizer, embeddings, batch)  # (1, 2, 8)
+    word = lambda w: word_embedding(tokenizer, embeddings, w)  # noqa: E731
     where = (word("top") + word("right")) / 2
     torch.testing.assert_close(target[0, 1], (word("small") + word("red") + word("circle") + where) / 4)
     torch.testing.assert_close(target[0, 0], (word("beige") + word("noisy")) / 2)
@@ -563,17 +586,17 @@ def test_region_index_reads_points_as_the_descriptions_do():
     points = torch.rand(500, 2, generator=torch.Generator().manual_seed(0))
     points[:4] = torch.tensor([[1 / 3, 0.5], [2 / 3, 2 / 3], [0.0, 1.0], [0.5, 1 / 3]])  # edges
     expected = [synthetic.REGIONS.index(synthetic.region_of(float(x), float(y))) for x, y in points]
-    assert rt.region_index(points).tolist() == expected
+    assert region_index(points).tolist() == expected
 
 
 def test_align_stage_brings_visual_tokens_towards_the_words_and_seeds_the_caption_model(shard, tmp_path):
-    rt.train_eyes(tmp_path, [shard], shard, steps=1, batch=8, lr=1e-3, seed=0, save_every=1, eval_every=100)
-    rt.train_align(tmp_path, [shard], shard, steps=30, batch=24, lr=3e-3, seed=0, eval_every=10)
+    train_eyes(tmp_path, [shard], shard, steps=1, batch=8, lr=1e-3, seed=0, save_every=1, eval_every=100)
+    train_align(tmp_path, [shard], shard, steps=30, batch=24, lr=3e-3, seed=0, eval_every=10)
     lines = (tmp_path / "align.jsonl").read_text().splitlines()
     errors = [json.loads(line)["val_relative_error"] for line in lines]
     assert errors[-1] < 0.8 * errors[0], errors
     assert all(0 <= json.loads(line)["val_region_accuracy"] <= 1 for line in lines)
-    model, _ = rt.build_caption_model(tmp_path / "eyes.pt", rank=2)
+    model, _ = build_caption_model(tmp_path / "eyes.pt", rank=2)
     aligned = torch.load(tmp_path / "align.pt", weights_only=True)["projector"]
     for name, value in aligned.items():
         torch.testing.assert_close(model.model.multi_modal_projector.state_dict()[name], value)
@@ -581,12 +604,12 @@ def test_align_stage_brings_visual_tokens_towards_the_words_and_seeds_the_captio
 
 def test_batches_built_by_workers_are_those_built_here(tokenizer, tmp_path):
     config = assembly.reference_config(assembly.TOWER, assembly.ROPE_SCALING)
-    args = (tokenizer, config, rt._resize_fn(), tmp_path, 3)
+    args = (tokenizer, config, resize_fn(), tmp_path, 3)
     kwargs = dict(budget=900, per_frame=16, frames={4: 1, 8: 1}, stage="long", pose_reach=3000)
-    here, ahead = (list(rt.batches(5, 8, workers, *args, **kwargs)) for workers in (0, 2))
+    here, ahead = (list(batches(5, 8, workers, *args, **kwargs)) for workers in (0, 2))
     assert len(here) == len(ahead) == 3
     for a, b, step in zip(here, ahead, range(5, 8), strict=True):
-        expected = rt._caption_batch(*args[:-1], seed=3, step=step, **kwargs)
+        expected = caption_batch(*args[:-1], seed=3, step=step, **kwargs)
         for batch in (a, b):
             assert batch.keys() == expected.keys()
             for key in batch:
@@ -596,22 +619,22 @@ def test_batches_built_by_workers_are_those_built_here(tokenizer, tmp_path):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
 def test_asking_for_a_gpu_where_there_is_none_says_so(tmp_path):
     with pytest.raises(SystemExit, match="--device cuda: this machine has no CUDA device"):
-        rt.main([str(tmp_path / "run"), "--stage", "long", "--device", "cuda"])
+        cli.main([str(tmp_path / "run"), "--stage", "long", "--device", "cuda"])
 
 
 def test_language_model_stages_use_bf16_only_where_the_cpu_has_it():
     a = torch.ones(4, 4)
-    with rt.autocast(native_bf16=True):
+    with autocast(native_bf16=True):
         assert (a @ a).dtype == torch.bfloat16
-    with rt.autocast(native_bf16=False):
+    with autocast(native_bf16=False):
         assert (a @ a).dtype == torch.float32
-    with rt.autocast():  # this machine's answer
+    with autocast():  # this machine's answer
         expected = torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
         assert (a @ a).dtype == expected
 
 
 def test_language_model_stages_warm_up_hold_then_decay_over_the_last_third():
-    scales = [rt.lr_scale(step, 300, 10) for step in range(300)]
+    scales = [lr_scale(step, 300, 10) for step in range(300)]
     assert scales[0] == pytest.approx(0.1) and scales[9] == 1.0
     assert set(scales[9:200]) == {1.0}  # constant until two thirds of the steps
     assert all(a > b for a, b in zip(scales[200:], scales[201:], strict=False))
@@ -621,8 +644,8 @@ def test_language_model_stages_warm_up_hold_then_decay_over_the_last_third():
 def _caption_model_with_acting_adapters(shard, run):
     """A caption model on one-step eyes, its LoRA B factors drawn (peft starts them at zero,
     where the adapters would change nothing)."""
-    rt.train_eyes(run, [shard], shard, steps=1, batch=8, lr=1e-3, seed=0, save_every=1, eval_every=100)
-    model, tokenizer = rt.build_caption_model(run / "eyes.pt", rank=2)
+    train_eyes(run, [shard], shard, steps=1, batch=8, lr=1e-3, seed=0, save_every=1, eval_every=100)
+    model, tokenizer = build_caption_model(run / "eyes.pt", rank=2)
     for name, param in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(param, std=0.02, generator=torch.Generator().manual_seed(0))
@@ -637,25 +660,25 @@ def test_caption_loss_of_a_padded_batch_is_that_of_its_conversations_alone(shard
     also with PoSE's position ids (they must reach the language model, and pads' must not matter)."""
     import torch.nn.functional as F
 
-    monkeypatch.setattr(rt, "POSE_SHARE", 1.0)  # every row spread (with pose_reach)
+    monkeypatch.setattr(long_stage, "POSE_SHARE", 1.0)  # every row spread (with pose_reach)
     model, tokenizer = _caption_model_with_acting_adapters(shard, tmp_path)
-    batch = rt._caption_batch(tokenizer, model.config, rt._resize_fn(), tmp_path, seed=0, step=0,
+    batch = caption_batch(tokenizer, model.config, resize_fn(), tmp_path, seed=0, step=0,
                               budget=900, per_frame=16, frames={4: 1}, pose_reach=pose_reach)
     lengths = batch["attention_mask"].sum(dim=1)
     assert len(set(lengths.tolist())) > 1  # rows of different lengths: some are padded
     positions = batch.get("position_ids", torch.arange(batch["input_ids"].shape[1]).repeat(len(lengths), 1))
     model.eval()
     with torch.no_grad():
-        padded = rt.caption_loss(model, batch)
+        padded = caption_loss(model, batch)
         if pose_reach:  # the spread rows change the loss
             assert not (positions == torch.arange(positions.shape[1])).all()
-            assert rt.caption_loss(model, {k: v for k, v in batch.items() if k != "position_ids"}) != padded
+            assert caption_loss(model, {k: v for k, v in batch.items() if k != "position_ids"}) != padded
             # ... and each piece reads the pieces before it: a skip is not a new sequence (the
             # packed-sequence reading transformers gives position ids that jump, without a mask)
-            states = rt.language_states(model, batch)
+            states = language_states(model, batch)
             changed = dict(batch, input_ids=batch["input_ids"].clone())
             changed["input_ids"][:, 0] = tokenizer.convert_tokens_to_ids("!")  # first token of every row
-            moved = (rt.language_states(model, changed) - states).abs().amax(dim=-1)  # (B, L)
+            moved = (language_states(model, changed) - states).abs().amax(dim=-1)  # (B, L)
             step = video_position_step(model.config)
             for row, length in enumerate(lengths.tolist()):
                 own = prompt_positions(batch["input_ids"][row, :length], model.config.video_token_index, step)
@@ -683,10 +706,10 @@ def test_a_clip_too_long_to_backpropagate_through_trains_its_conversations_after
     lowers it."""
     import contextlib
 
-    monkeypatch.setattr(rt, "FULL_GRADIENT_FRAMES", 3)  # a 4-frame clip stands for a long one
-    monkeypatch.setattr(rt, "autocast", lambda device: contextlib.nullcontext())  # fp32: exact
+    monkeypatch.setattr(long_stage, "FULL_GRADIENT_FRAMES", 3)  # a 4-frame clip stands for a long one
+    monkeypatch.setattr(long_stage, "autocast", lambda device: contextlib.nullcontext())  # fp32: exact
     model, tokenizer = _caption_model_with_acting_adapters(shard, tmp_path)
-    batch = rt._caption_batch(tokenizer, model.config, rt._resize_fn(), tmp_path, seed=0, step=0,
+    batch = caption_batch(tokenizer, model.config, resize_fn(), tmp_path, seed=0, step=0,
                               budget=400, per_frame=16, frames={4: 1}, stage="long", pose_reach=6000)
     ids, cut = batch["input_ids"], int(batch["prefix_length"])
     rows, lengths = len(ids), batch["attention_mask"].sum(dim=1)
@@ -701,9 +724,9 @@ def test_a_clip_too_long_to_backpropagate_through_trains_its_conversations_after
     whole = {k: v for k, v in batch.items() if k != "prefix_length"}
     whole["pixel_values_videos"] = batch["pixel_values_videos"].repeat(rows, 1, 1, 1, 1)
     with torch.no_grad():
-        expected = rt.caption_loss(model, whole).item()
+        expected = caption_loss(model, whole).item()
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    loss = rt.caption_step(model, batch)
+    loss = caption_step(model, batch)
     assert loss == pytest.approx(expected, rel=1e-5)
     lora = {n: p.grad for n, p in trainable.items() if "lora_" in n}
     assert all(g is not None for g in lora.values()) and sum(float(g.abs().sum()) for g in lora.values()) > 0
@@ -712,19 +735,19 @@ def test_a_clip_too_long_to_backpropagate_through_trains_its_conversations_after
         for g, p in ((p.grad, p) for p in trainable.values() if p.grad is not None):
             p -= 1e-2 * g / g.norm().clamp_min(1e-12)
     model.zero_grad(set_to_none=True)
-    assert rt.caption_step(model, batch) < loss
+    assert caption_step(model, batch) < loss
 
 
 def test_the_long_stage_spreads_positions_by_default_and_can_be_told_not_to():
-    parser = rt.build_parser()
-    assert parser.parse_args(["run"]).long_pose_reach == rt.LONG_POSE_REACH == 7000
+    parser = cli.build_parser()
+    assert parser.parse_args(["run"]).long_pose_reach == LONG_POSE_REACH == 7000
     # ... which covers a 25,600-token video at the default video position step, with its prompt
-    assert 25_600 * assembly.VIDEO_POSITION_STEP + 300 < rt.LONG_POSE_REACH
+    assert 25_600 * assembly.VIDEO_POSITION_STEP + 300 < LONG_POSE_REACH
     assert parser.parse_args(["run", "--long-pose-reach", "0"]).long_pose_reach == 0
 
 
 def test_the_video_position_step_is_the_reference_targets_unless_told(capsys):
-    parser = rt.build_parser()
+    parser = cli.build_parser()
     assert parser.parse_args(["run"]).video_position_step == assembly.VIDEO_POSITION_STEP == 0.25
     assert parser.parse_args(["run", "--video-position-step", "1"]).video_position_step == 1.0
     for bad in ("0", "1.5", "0.3", "x"):
@@ -734,10 +757,10 @@ def test_the_video_position_step_is_the_reference_targets_unless_told(capsys):
 
 
 def test_long_stage_clip_lengths_are_given_as_frames_and_weights(capsys):
-    parser = rt.build_parser()
-    assert parser.parse_args(["run"]).long_frames == rt.LONG_FRAMES
+    parser = cli.build_parser()
+    assert parser.parse_args(["run"]).long_frames == LONG_FRAMES
     assert parser.parse_args(["run", "--long-frames", "8:3, 384:1"]).long_frames == {8: 3, 384: 1}
-    assert rt.frame_weights(rt.frame_spec(rt.LONG_FRAMES)) == rt.LONG_FRAMES  # the form logs record
+    assert frame_weights(frame_spec(LONG_FRAMES)) == LONG_FRAMES  # the form logs record
     for bad in ("8", "8:0", "x:1", ""):
         with pytest.raises(SystemExit):
             parser.parse_args(["run", "--long-frames", bad])

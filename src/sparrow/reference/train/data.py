@@ -1,5 +1,9 @@
 """Training data for the reference target's eyes, made from `sparrow.reference.synthetic`.
 
+Seeds: training videos (the corpus shards here, and the clips the language-model stages render)
+come from [0, `EVAL_SEED_START`); the validation shard (`VAL_SEEDS`) and every held-out check,
+`sparrow eval-target`'s included, from `EVAL_SEED_START` up, never trained on.
+
 A corpus shard holds, per video (a seed rendered at `RENDER_FRAMES` frames of 128x128, encoded
 to mp4 and decoded again, so the model learns from the same compressed pixels it sees at
 inference), the frames after the reference processor's resize (uint8, stored small and
@@ -31,9 +35,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from sparrow.reference import synthetic
+from sparrow.reference import assembly, synthetic
 from sparrow.video.io import read_video
 
+EVAL_SEED_START = synthetic.EVAL_SEED_START
+VAL_SEEDS = range(EVAL_SEED_START + 900_000, EVAL_SEED_START + 900_000 + 200)
+SHARD_VIDEOS = 500
 RENDER_FRAMES = 8
 RENDER_SIZE = 128
 MIN_COVER = 0.1
@@ -217,6 +224,41 @@ def build_shard(
     return path
 
 
+def resize_fn():
+    """The reference processor's resize, as uint8 (normalization is exactly invertible here)."""
+    from sparrow.video.io import VideoClip
+    from sparrow.video.processing import preprocess_video
+
+    config = assembly.reference_config(assembly.TOWER, assembly.ROPE_SCALING)
+
+    def resize(frames: np.ndarray) -> np.ndarray:
+        clip = VideoClip(frames=frames, timestamps=np.zeros(len(frames)), fps=1.0, duration=1.0,
+                         path="<synthetic>", frame_indices=np.arange(len(frames)),
+                         total_frames=len(frames))
+        pixels = preprocess_video(clip, config, assembly.PROCESSOR_CONFIG).pixel_values_videos[0]
+        pixels = pixels[:, :3]  # the frames (any temporal-difference channels are made at use)
+        return (pixels * 127.5 + 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+    return resize
+
+
+def ensure_corpus(corpus_dir: Path, train_shards: int) -> tuple[list[Path], Path]:
+    """Build missing shards (train-000.npz ... and val.npz); existing ones are kept."""
+    corpus_dir.mkdir(parents=True, exist_ok=True)
+    tower = assembly.TOWER
+    resize = None
+    train = [corpus_dir / f"train-{i:03d}.npz" for i in range(train_shards)]
+    val = corpus_dir / "val.npz"
+    jobs = [(p, list(range(i * SHARD_VIDEOS, (i + 1) * SHARD_VIDEOS))) for i, p in enumerate(train)]
+    jobs.append((val, list(VAL_SEEDS)))
+    for path, seeds in jobs:
+        if path.is_file():
+            continue
+        resize = resize or resize_fn()
+        build_shard(path, seeds, tower["image_size"], tower["patch_size"], resize)
+    return train, val
+
+
 def load_shard(path: str | os.PathLike) -> Shard:
     with np.load(path) as data:
         arrays = {key: data[key] for key in data.files if key != "facts"}
@@ -230,8 +272,7 @@ def load_shard(path: str | os.PathLike) -> Shard:
 
 def load_corpus(paths: list[str | os.PathLike]) -> Shard:
     """The shards at `paths` as one Shard, filled in place shard by shard, so that memory holds
-    the corpus plus one shard (a list of shards and their concatenation would hold it twice:
-    ~19 GB for 48 shards of 196 MB of frames each)."""
+    the corpus plus one shard (a list of shards and their concatenation would hold it twice)."""
     if len(paths) == 1:
         return load_shard(paths[0])
     sizes = []
@@ -264,7 +305,6 @@ def normalize(frames: np.ndarray) -> torch.Tensor:
 def video_pixels(frames: np.ndarray) -> torch.Tensor:
     """(B, T, S, S, 3) uint8 -> (B, T, C, S, S): what the reference processor makes of the
     videos: normalized, plus the temporal-difference channels its config asks for."""
-    from sparrow.reference import assembly
     from sparrow.video.processing import TEMPORAL_DIFFERENCE_KEY, temporal_difference
 
     pixels = normalize(frames)
@@ -278,7 +318,6 @@ def pair_pixels(now: np.ndarray, before: np.ndarray) -> torch.Tensor:
     """(B, S, S, 3) uint8 frames and the earlier frames they are compared with -> (B, C, S, S):
     each frame as the reference processor feeds it to the tower (with its difference from the
     earlier frame when the processor config asks for temporal differences)."""
-    from sparrow.reference import assembly
     from sparrow.video.processing import TEMPORAL_DIFFERENCE_KEY, temporal_difference
 
     pixels = normalize(now)
