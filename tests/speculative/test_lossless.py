@@ -4,7 +4,11 @@ Every family, text-only and with videos of different frame counts, trees from a 
 draft token to wide ones, random-init drafts in both attention modes, with and without an EOS
 inside the budget. Random drafts are mostly rejected, so a second set of tests drives the same
 loop with an oracle proposer that puts the target's true continuation deep in wide trees, as
-a non-first sibling: long accepted paths and non-contiguous cache compaction get exercised.
+a non-first sibling: long accepted paths, an EOS inside one, and non-contiguous cache
+compaction get exercised in every family and both draft modes.
+
+The reference answers must be varied (MIN_DISTINCT): an answer that repeats one token is the
+same whatever position or cache entry the loop gets wrong, and would hide those bugs.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import torch
 
 from sparrow.api import prepare_video
 from sparrow.draft import init_draft
+from sparrow.errors import ConfigError
 from sparrow.speculative.generate import generate
 from sparrow.speculative.proposers import DraftProposer
 from sparrow.speculative.tree import Tree, TreeSpec
@@ -23,6 +28,7 @@ from tests.helpers import reference_generate
 PROMPTS = ["What happens in the video?", "Describe the colours, then count the objects."]
 TREES = ["2-1-1", "5-4-1", "30-4-8", "60-7-10"]
 MAX_NEW = 24
+MIN_DISTINCT = 12  # distinct tokens a reference answer of MAX_NEW tokens must hold
 
 
 def _inputs(target, video_file, frames: int, prompt: str):
@@ -36,6 +42,7 @@ def test_greedy_speculative_equals_generate(target, video_file, frames):
         input_ids, video = _inputs(target, video_file, frames, prompt)
         reference = reference_generate(target, input_ids, video, MAX_NEW, target.eos_token_ids)
         assert len(reference) == MAX_NEW
+        assert len(set(reference)) >= MIN_DISTINCT, target.tokenizer.decode(reference)
         for method in ("ar", "sparrow", "eagle"):
             draft = None if method == "ar" else init_draft(target, method, seed=frames)
             for tree in TREES if method != "ar" else TREES[:1]:
@@ -106,14 +113,63 @@ class OracleProposer(DraftProposer):
 def test_long_accepted_paths_stay_lossless(target, video_file, mode):
     input_ids, video = _inputs(target, video_file, 8, PROMPTS[1])
     reference = reference_generate(target, input_ids, video, 40, target.eos_token_ids)
+    assert len(reference) == 40 and len(set(reference[:MAX_NEW])) >= MIN_DISTINCT
     for depth, spec in ((1, "2-1-1"), (4, "30-4-8"), (6, "60-7-10")):
         proposer = OracleProposer(init_draft(target, mode), target, TreeSpec.parse(spec),
                                   reference, depth)
+        # Sized for the oracle's trees: the drafted ones plus up to `depth` grafted nodes.
         result = generate(target, input_ids, video, method=mode, proposer=proposer,
-                          tree=spec, max_new_tokens=40)
+                          tree=_room_for(spec, depth), max_new_tokens=40)
         assert result.token_ids == reference
         # The oracle chain is accepted whole every round: depth + 1 tokens per call.
         assert result.target_calls == -(-(len(reference) - 1) // (depth + 1))
+
+
+def _room_for(spec: str, grafted: int) -> TreeSpec:
+    """A spec whose total_tokens covers `spec`'s trees with `grafted` nodes added (generate
+    sizes the caches from it; the oracle drafts with `spec` itself)."""
+    drafted = TreeSpec.parse(spec)
+    return TreeSpec(drafted.total_tokens + grafted, drafted.depth + grafted, drafted.top_k)
+
+
+@pytest.mark.parametrize("mode", ["sparrow", "eagle"])
+def test_eos_inside_an_accepted_path_stops_like_generate(target, video_file, mode):
+    input_ids, video = _inputs(target, video_file, 8, PROMPTS[1])
+    free_run = reference_generate(target, input_ids, video, 40, target.eos_token_ids)
+    depth = 4
+    # Answer token i (i >= 1) comes from call (i - 1) // (depth + 1), at slot
+    # (i - 1) % (depth + 1) of what it emits: slots below `depth` are the oracle chain's
+    # accepted tokens, slot `depth` the bonus. Declare as EOS a token that first appears after
+    # a whole call, with accepted chain tokens after it in its own path.
+    stop = next(i for i in range(depth + 2, len(free_run))
+                if (i - 1) % (depth + 1) < depth - 1 and free_run[i] not in free_run[:i])
+    eos = [free_run[stop]]
+    reference = reference_generate(target, input_ids, video, 40, eos)
+    assert reference == free_run[: stop + 1]
+    proposer = OracleProposer(init_draft(target, mode), target, TreeSpec.parse("30-4-8"),
+                              free_run, depth)
+    result = generate(target, input_ids, video, method=mode, proposer=proposer,
+                      tree=_room_for("30-4-8", depth), max_new_tokens=40, eos_token_ids=eos)
+    assert result.token_ids == reference
+    assert result.finish_reason == "eos"
+    # The last call accepted past the EOS; what it emits stops right after it.
+    assert result.accepted_lengths[-1] == (stop - 1) % (depth + 1) + 1 < depth
+
+
+def test_a_proposer_tree_larger_than_the_cache_room_is_a_clear_error(target):
+    input_ids = torch.tensor([target.tokenizer("a tree too large").input_ids])
+    reference = reference_generate(target, input_ids, None, 8, target.eos_token_ids)
+    depth = 6  # a chain of one drafted token, then at least 5 grafted: trees of 7 or more
+
+    def run(tree):
+        proposer = OracleProposer(init_draft(target, "sparrow"), target, TreeSpec.parse("2-1-1"),
+                                  reference, depth)
+        return generate(target, input_ids, method="sparrow", proposer=proposer, tree=tree,
+                        max_new_tokens=2)
+
+    with pytest.raises(ConfigError, match=r"tree of \d+ tokens.*--tree 2-1-1"):
+        run("2-1-1")
+    assert run(_room_for("2-1-1", depth)).token_ids == reference[:2]
 
 
 def test_draft_cache_holds_only_text_in_sparrow_mode(target, video_file):

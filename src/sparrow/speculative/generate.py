@@ -19,11 +19,11 @@ import torch
 
 from sparrow.draft import DraftModel
 from sparrow.errors import ConfigError
-from sparrow.speculative.accept import accept_greedy, accept_sampled
+from sparrow.speculative.accept import Acceptance, accept_greedy, accept_sampled
 from sparrow.speculative.proposers import DraftProposer, NoDraftProposer
 from sparrow.speculative.sampling import GREEDY, SamplingParams
-from sparrow.speculative.tree import DEFAULT_TREE, TreeSpec
-from sparrow.targets.base import TargetAdapter
+from sparrow.speculative.tree import DEFAULT_TREE, Tree, TreeSpec
+from sparrow.targets.base import StepOutput, TargetAdapter
 
 METHODS = ("ar", "sparrow", "eagle")
 
@@ -100,6 +100,35 @@ def _pick(logits: torch.Tensor, sampling: SamplingParams, generator: torch.Gener
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
+def _verify(
+    target: TargetAdapter,
+    candidates: Tree,
+    tree: TreeSpec,
+    sampling: SamplingParams,
+    generator: torch.Generator | None,
+) -> tuple[StepOutput, Acceptance, torch.Tensor]:
+    """One target forward over the proposed tree; accept a path; keep only that path in the
+    target's cache. Returns the forward's output, the decision and the path (node indices)."""
+    room = target.cache.max_length - target.cache_length
+    if len(candidates) > room:
+        # The cache was sized for trees of `tree`; a custom proposer may return larger ones.
+        raise ConfigError(
+            f"the proposer returned a tree of {len(candidates)} tokens, more than the {room} "
+            f"cache slots left: the cache was sized for --tree {tree} ({tree.total_tokens} "
+            "tokens a round); pass a tree spec whose total_tokens covers the proposer's trees"
+        )
+    start = target.cache_length
+    mask = candidates.ancestor_mask() if len(candidates) > 1 else None
+    out = target.forward(candidates.tokens, candidates.depths, mask)
+    if sampling.greedy:
+        decision = accept_greedy(candidates, out.logits)
+    else:
+        decision = accept_sampled(candidates, out.logits, sampling, generator)
+    path = torch.tensor(decision.path)
+    target.keep(start, path.to(target.device))
+    return out, decision, path
+
+
 @torch.no_grad()
 def generate(
     target: TargetAdapter,
@@ -119,7 +148,9 @@ def generate(
     """Generate an answer to `input_ids` (1, L) (+ `video`, a VideoInputs) with `method`.
 
     `proposer` overrides the method's proposer (anything with start/propose/commit and a
-    `cache_length`, see drafter.py): the extension point for other drafting strategies.
+    `cache_length`, see proposers.py): the extension point for other drafting strategies.
+    The caches are sized for trees of `tree`'s total_tokens; pass a `tree` that covers a
+    custom proposer's largest tree (a tree that does not fit is a ConfigError).
     `on_tokens(list[int])` is called with the tokens each target call emits, as they come
     (streaming); returning True from it stops generation (finish_reason "stopped").
     `prefix` (a PrefixState from `target.snapshot()`) skips prefilling the part of the prompt
@@ -162,15 +193,7 @@ def generate(
         candidates = proposer.propose(root)
         t_verify = clock.now()
         timings.draft_s += t_verify - t
-        start = target.cache_length
-        mask = candidates.ancestor_mask() if len(candidates) > 1 else None
-        out = target.forward(candidates.tokens, candidates.depths, mask)
-        if sampling.greedy:
-            decision = accept_greedy(candidates, out.logits)
-        else:
-            decision = accept_sampled(candidates, out.logits, sampling, generator)
-        path = torch.tensor(decision.path)
-        target.keep(start, path.to(target.device))
+        out, decision, path = _verify(target, candidates, tree, sampling, generator)
         timings.verify_s += clock.now() - t_verify
         new_tokens = candidates.tokens[path[1:]].tolist() + [decision.bonus]
         before = len(emitted)

@@ -136,6 +136,28 @@ def tiny_config(family: str) -> PretrainedConfig:
     raise ValueError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
 
 
+# Factors on the language model's default random init (std 0.02), by parameter name. With the
+# default, query-key products are near 0 and attention is near uniform: every step sees about
+# the context's average, which outweighs the token embedding, so greedy answers repeat one
+# character, and a wrong position or a wrong cache entry changes nothing a test could see.
+# Sharp attention (queries and keys; Qwen3 normalises them per head after the projection, so
+# its q/k norm weights carry the factor there) makes each step depend on which tokens it attends
+# to and where they are; stronger embeddings, values and MLP keep the current token in charge
+# of the answer against that context. Answers are then varied, and position- and cache-sensitive.
+_INIT_SCALES = {
+    "embed_tokens.weight": 2.0,
+    "q_proj.weight": 15.0,
+    "k_proj.weight": 15.0,
+    "q_norm.weight": 15.0,
+    "k_norm.weight": 15.0,
+    "v_proj.weight": 2.0,
+    "o_proj.weight": 2.0,
+    "gate_proj.weight": 4.0,
+    "up_proj.weight": 4.0,
+    "down_proj.weight": 4.0,
+}
+
+
 def tiny_model(family: str, seed: int = 0) -> PreTrainedModel:
     """A tiny random model of `family`, fp32, in eval mode, reproducible from `seed`."""
     from transformers import AutoModelForImageTextToText
@@ -143,10 +165,17 @@ def tiny_model(family: str, seed: int = 0) -> PreTrainedModel:
     torch.manual_seed(seed)
     config = tiny_config(family)
     model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
-    # Random init gives near-uniform next-token distributions; scale up the output layer so the
-    # tiny model has confident, varied greedy choices (a realistic target for acceptance tests).
     with torch.no_grad():
+        for name, parameter in model.model.language_model.named_parameters():
+            scale = _INIT_SCALES.get(".".join(name.split(".")[-2:]))  # e.g. "q_proj.weight"
+            if scale is not None:
+                parameter.mul_(scale)
+        # A confident output layer: peaked distributions, as a trained model's, for the
+        # sampling tests. The EOS row is zeroed: a logit of 0 is practically never the
+        # largest of 105 spread ones, so greedy answers run to max_new_tokens (a test that
+        # wants an early stop declares its own EOS); sampling can still end an answer.
         model.lm_head.weight.mul_(20.0)
+        model.lm_head.weight[config.get_text_config().eos_token_id] = 0.0
     return model.eval()
 
 
