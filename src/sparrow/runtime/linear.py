@@ -8,8 +8,10 @@ by instruction set, not by vendor; with the weight reordered once into its block
 freezes a model) its packed kernels ran the linears faster than MKL at every row count
 measured, from a decode step's to a prefill's (measurements: docs/runtime.md;
 `benchmarks/verify_cost.py` measures whole steps both ways). Results agree with MKL to fp32
-rounding, so this is a kernel choice, like the attention implementation: the model's modules,
-parameters and `state_dict` are unchanged, and the model class is not touched.
+rounding, so this is a kernel choice, like the attention implementation: the model's
+parameters and `state_dict` are unchanged and its class is not touched; only each linear's
+class is switched to `PackedLinear`, which `unpack_linears` switches back (`TargetAdapter.unwrap`
+does it for a wrapped model).
 
 `pack_linears(model)` gives each CPU fp32 `nn.Linear` its packed weight and routes the
 module's forward through it when it is safe: fp32 input and weight on CPU, and no autograd
