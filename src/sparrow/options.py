@@ -10,14 +10,13 @@ from __future__ import annotations
 import argparse
 import os
 
-from sparrow.draft.modes import MODES
 from sparrow.errors import ConfigError, SparrowError
+from sparrow.speculative.generate import DEFAULT_MAX_NEW_TOKENS, METHODS
 from sparrow.speculative.sampling import GREEDY, SamplingParams
 from sparrow.speculative.tree import DEFAULT_TREE
 
-METHODS = ("ar", *MODES)  # plain decoding, then one method per draft mode
+# METHODS, DEFAULT_MAX_NEW_TOKENS and DEFAULT_TREE are the decoding loop's own, re-exported here.
 DEFAULT_NUM_FRAMES = 8  # frames sampled uniformly when neither a count nor an fps is given
-DEFAULT_MAX_NEW_TOKENS = 256
 DTYPES = ("float32", "bfloat16", "float16")
 TREE_HELP = f"draft tree total_tokens-depth-top_k (default {DEFAULT_TREE})"
 

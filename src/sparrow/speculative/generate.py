@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from sparrow.draft import DraftModel
+from sparrow.draft.modes import MODES
 from sparrow.errors import ConfigError
 from sparrow.speculative.accept import Acceptance, accept_greedy, accept_sampled
 from sparrow.speculative.proposers import DraftProposer, NoDraftProposer
@@ -25,7 +26,8 @@ from sparrow.speculative.sampling import GREEDY, SamplingParams
 from sparrow.speculative.tree import DEFAULT_TREE, Tree, TreeSpec
 from sparrow.targets.base import StepOutput, TargetAdapter
 
-METHODS = ("ar", "sparrow", "eagle")
+METHODS = ("ar", *MODES)  # plain decoding, then one method per draft mode
+DEFAULT_MAX_NEW_TOKENS = 256
 
 
 @dataclass
@@ -138,7 +140,7 @@ def generate(
     method: str = "ar",
     draft: DraftModel | None = None,
     tree: TreeSpec | str = DEFAULT_TREE,
-    max_new_tokens: int = 256,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     sampling: SamplingParams = GREEDY,
     eos_token_ids: list[int] | None = None,
     proposer=None,
