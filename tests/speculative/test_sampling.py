@@ -105,8 +105,10 @@ def exact_emission_distribution(tree: Tree, logits: torch.Tensor, sampling: Samp
     return out
 
 
-def broken_accept(tree, logits, sampling, generator):
-    """Wrong on purpose: rejected children are NOT removed before the bonus is drawn."""
+def _accept_without_renormalising(tree, logits, sampling, generator, remove_rejected: bool):
+    """Wrong on purpose: child c is accepted with probability p(c) instead of p(c) / (mass left
+    once its elder siblings were rejected); with `remove_rejected` False the rejected children
+    are not removed before the bonus is drawn either."""
     tokens, children = tree.tokens.tolist(), tree.children()
     path = [0]
     while True:
@@ -116,29 +118,22 @@ def broken_accept(tree, logits, sampling, generator):
             if torch.rand((), generator=generator) < p[tokens[child]]:
                 follow = child
                 break
-        if follow is None:
-            bonus = int(torch.multinomial(p, 1, generator=generator))
-            return type("A", (), {"path": path, "bonus": bonus})()
-        path.append(follow)
-
-
-def unrenormalised_accept(tree, logits, sampling, generator):
-    """Wrong on purpose, the realistic slip: accept.py's rule with child c accepted with
-    probability p(c) instead of p(c) / (mass left once its elder siblings were rejected)."""
-    tokens, children = tree.tokens.tolist(), tree.children()
-    path = [0]
-    while True:
-        p = sampling.probabilities(logits[path[-1] : path[-1] + 1])[0]
-        follow = None
-        for child in children[path[-1]]:
-            if torch.rand((), generator=generator) < p[tokens[child]]:
-                follow = child
-                break
-            p[tokens[child]] = 0.0
+            if remove_rejected:
+                p[tokens[child]] = 0.0
         if follow is None:
             bonus = int(torch.multinomial(p / p.sum(), 1, generator=generator))
             return Acceptance(path=path, bonus=bonus)
         path.append(follow)
+
+
+def broken_accept(tree, logits, sampling, generator):
+    """The crude slip: rejected children are NOT removed before the bonus is drawn."""
+    return _accept_without_renormalising(tree, logits, sampling, generator, remove_rejected=False)
+
+
+def unrenormalised_accept(tree, logits, sampling, generator):
+    """The realistic slip: accept.py's rule without the renormalisation over the mass left."""
+    return _accept_without_renormalising(tree, logits, sampling, generator, remove_rejected=True)
 
 
 SETTINGS = [
