@@ -2,7 +2,7 @@
 
 Every supported family has a tiny configuration here: a 2-layer language model with GQA, a
 2-layer vision tower and the family's real projector/merger, plus a character-level
-tokenizer that carries the family's special tokens and a chat template. Tests, `make demo`
+tokenizer that carries the family's special tokens and a chat template. The tests
 and the command line (`--target tiny:<family>`) use them; they are what a checkpoint looks
 like to sparrow, only small.
 """
