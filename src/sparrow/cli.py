@@ -21,6 +21,7 @@ EXIT_USER_ERROR = 2
 def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     """The parser, and the handler of each subcommand by name."""
     from sparrow import fixture
+    from sparrow.training import cli as training_cli
 
     parser = argparse.ArgumentParser(
         prog="sparrow",
@@ -74,6 +75,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
 
     commands = {"generate": cmd_generate, "draft-init": cmd_draft_init, "serve": cmd_serve,
                 "chat": cmd_chat}
+    commands.update(training_cli.add_commands(sub))
     commands.update(fixture.add_commands(sub))
     return parser, commands
 
@@ -84,11 +86,11 @@ def _load_models(args: argparse.Namespace):
     from sparrow.speculative.tree import TreeSpec
     from sparrow.targets import load_target
 
-    method = options.method_of(args)
+    method = options.method_of(args)  # None: the draft's own mode
     tree = TreeSpec.parse(args.tree)
     target = load_target(args.target, dtype=options.dtype_of(args), device=args.device)
     draft = load_draft(args.draft, target, mode=method) if method != "ar" else None
-    return target, draft, method, tree
+    return target, draft, method or draft.mode, tree
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

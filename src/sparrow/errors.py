@@ -16,3 +16,7 @@ class ConfigError(SparrowError):
 
 class CheckpointError(SparrowError):
     """A target or draft checkpoint is missing, malformed, or does not fit its partner."""
+
+
+class DataError(SparrowError):
+    """Training data (prompts, datagen shards) is missing, malformed, or made for another target."""

@@ -1,5 +1,6 @@
 """The one door from the core to the reference fixture (`sparrow.reference`): the named target
-`reference[:WEIGHTS]` and the fixture's command (`sparrow eval-target`). Nothing else outside
+`reference[:WEIGHTS]`, its self-distillation prompts (`sparrow datagen`) and the fixture's
+command (`sparrow eval-target`). Nothing else outside
 `sparrow.reference` imports it, and it is imported only when one of these is used."""
 
 from __future__ import annotations
@@ -27,6 +28,18 @@ def load_reference(spec: str, dtype: torch.dtype, device: str | torch.device):
     target = load_target(assembly.checkpoint(weights), dtype=dtype, device=device)
     target.name = spec
     return target
+
+
+def is_reference(name: str) -> bool:
+    """Whether a target name (`--target`) is the reference target."""
+    return name == "reference" or name.startswith("reference:")
+
+
+def reference_prompts(count: int, seed: int, video_dir: Path):
+    """The reference target's self-distillation prompts (`sparrow.reference.prompts`)."""
+    from sparrow.reference.prompts import reference_prompts as make
+
+    return make(count, seed, video_dir)
 
 
 def add_commands(subparsers) -> dict[str, Callable[[argparse.Namespace], int]]:

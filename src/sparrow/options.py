@@ -39,7 +39,7 @@ def add_target(parser: argparse.ArgumentParser) -> None:
 def add_decoding(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--draft", help="draft checkpoint directory (needed by sparrow/eagle)")
     parser.add_argument("--method", default=None, choices=METHODS,
-                        help="decoding method (default: sparrow with --draft, else ar)")
+                        help="decoding method (default: the draft's own mode with --draft, else ar)")
     parser.add_argument("--tree", default=str(DEFAULT_TREE), help=TREE_HELP)
 
 
@@ -63,10 +63,11 @@ def add_sampling(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None, help="sampling seed")
 
 
-def method_of(args: argparse.Namespace) -> str:
-    """The decoding method the flags ask for, checked before anything is loaded."""
-    method = args.method or ("sparrow" if args.draft else "ar")
-    if method != "ar" and not args.draft:
+def method_of(args: argparse.Namespace) -> str | None:
+    """The decoding method the flags ask for, checked before anything is loaded; None: the
+    mode the draft (`--draft`) was trained for."""
+    method = args.method or (None if args.draft else "ar")
+    if method not in ("ar", None) and not args.draft:
         raise ConfigError(f"--method {method} needs --draft DIR (create one with draft-init)")
     return method
 

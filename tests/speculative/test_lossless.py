@@ -198,3 +198,39 @@ def test_streaming_callback_sees_every_token_in_order_and_can_stop(target):
     stopped = generate(target, input_ids, method="sparrow", draft=draft, max_new_tokens=20,
                        on_tokens=lambda tokens: True)
     assert stopped.finish_reason == "stopped" and stopped.token_ids == result.token_ids[:1]
+
+
+# Every draft configuration the trainer can produce (sparrow.training.config): visual positions
+# fed as a target layer's states (`mid`: IVSB without VATA; `embed`: MSD-like), and a reduced
+# draft vocabulary (tokens outside it are never proposed). Random weights; the loop must stay
+# exact whatever the draft sees or predicts over.
+DRAFT_CONFIGS = [
+    ("eagle", {"visual": "mid"}),
+    ("eagle", {"visual": "embed"}),
+    ("eagle", {"visual": "last"}),
+    ("sparrow", {"visual": "mid", "draft_vocab_size": 40}),
+    ("eagle", {"visual": "embed", "draft_vocab_size": 40}),
+]
+
+
+@pytest.mark.parametrize("mode,config", DRAFT_CONFIGS, ids=lambda c: str(c))
+def test_every_draft_configuration_is_lossless(target, video_file, mode, config):
+    input_ids, video = _inputs(target, video_file, 8, PROMPTS[1])
+    reference = reference_generate(target, input_ids, video, MAX_NEW, target.eos_token_ids)
+    draft = init_draft(target, mode, seed=3, **config)
+    if config.get("draft_vocab_size"):  # a vocabulary holding part of the answer's tokens
+        vocab = sorted(set(reference[::2]) | set(range(config["draft_vocab_size"])))
+        draft.vocab = torch.tensor(vocab[: config["draft_vocab_size"]])
+    for tree in ("2-1-1", "30-4-8"):
+        result = generate(target, input_ids, video, method=mode, draft=draft, tree=tree,
+                          max_new_tokens=MAX_NEW)
+        assert result.token_ids == reference, (mode, config, tree)
+    proposer = OracleProposer(draft, target, TreeSpec.parse("30-4-8"), reference, 4)
+    result = generate(target, input_ids, video, method=mode, proposer=proposer,
+                      tree=_room_for("30-4-8", 4), max_new_tokens=MAX_NEW)
+    assert result.token_ids == reference
+    if config.get("draft_vocab_size"):  # proposed tokens all come from the vocabulary
+        proposed = DraftProposer(draft, target, TreeSpec.parse("30-4-8"))
+        target.prefill(input_ids, video, capacity=64, layers=proposed.prefill_layers)
+        proposed.start(target.prompt, reference[0], capacity=32)
+        assert set(proposed.propose(reference[0]).tokens[1:].tolist()) <= set(draft.vocab.tolist())

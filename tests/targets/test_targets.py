@@ -17,7 +17,7 @@ from sparrow.video.prompt import build_video_prompt
 def test_prefill_returns_mask_hidden_and_mid_layer_states(target, video_file):
     video = prepare_video(target, video_file(4), num_frames=4)
     input_ids = build_video_prompt(target.tokenizer, target.config, video, "What is it?")
-    out = target.prefill(input_ids, video, mid_layer=1)
+    out = target.prefill(input_ids, video, layers=(0, 1))
     assert int(out.visual_mask.sum()) == video.num_visual_tokens
     assert out.hidden.shape == (input_ids.shape[1], target.hidden_size)
     # Reference: transformers' own forward with all hidden states.
@@ -30,7 +30,9 @@ def test_prefill_returns_mask_hidden_and_mid_layer_states(target, video_file):
     with torch.no_grad(), target.unwrapped() as model:
         ref = model(input_ids.to(target.device), output_hidden_states=True, **kwargs)
     torch.testing.assert_close(out.logits, ref.logits[0, -1], atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(out.mid_hidden, ref.hidden_states[1][0], atol=1e-5, rtol=1e-5)
+    for layer in (0, 1):
+        torch.testing.assert_close(out.layer_hidden[layer], ref.hidden_states[layer][0], atol=1e-5,
+                                   rtol=1e-5)
     # The last hidden state feeds lm_head: logits are reproduced from it.
     torch.testing.assert_close(target.lm_head(out.hidden[-1]), out.logits, atol=1e-4, rtol=1e-4)
 

@@ -19,13 +19,19 @@ WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 
 
-def save_draft(draft: DraftModel, directory: str | Path) -> Path:
-    """Write `draft` to `directory` (created if missing); returns the directory."""
+def save_draft(draft: DraftModel, directory: str | Path, dtype: torch.dtype | None = None) -> Path:
+    """Write `draft` to `directory` (created if missing), its floating-point weights in `dtype`
+    (default: as they are; shipped drafts are fp16); returns the directory."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in draft.state_dict().items()}
+    state = {}
+    for key, value in draft.state_dict().items():
+        value = value.detach().contiguous().cpu()
+        if dtype is not None and value.is_floating_point():
+            value = value.to(dtype)
+        state[key] = value
     save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
     (directory / CONFIG_FILE).write_text(json.dumps(asdict(draft.config), indent=2) + "\n")
     return directory
@@ -39,12 +45,13 @@ def _for_inference(draft: DraftModel, target) -> DraftModel:
     return draft
 
 
-def init_draft(target, mode: str = "sparrow", seed: int = 0) -> DraftModel:
-    """A randomly initialised draft shaped for `target` (reproducible from `seed`)."""
+def new_draft(config: DraftConfig, seed: int = 0) -> DraftModel:
+    """A randomly initialised draft of `config` (reproducible from `seed`), fp32 on the CPU,
+    as training starts from it. The global RNG is left as it was."""
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
-        draft = DraftModel(DraftConfig.for_target(target, mode))
+        draft = DraftModel(config)
         std = 0.02
         for module in draft.modules():
             if isinstance(module, nn.Linear):
@@ -53,7 +60,13 @@ def init_draft(target, mode: str = "sparrow", seed: int = 0) -> DraftModel:
                     nn.init.zeros_(module.bias)
     finally:
         torch.random.set_rng_state(generator_state)
-    return _for_inference(draft, target)
+    return draft
+
+
+def init_draft(target, mode: str = "sparrow", seed: int = 0, **config) -> DraftModel:
+    """A randomly initialised draft shaped for `target` (reproducible from `seed`), ready to
+    decode; `config`: further `DraftConfig.for_target` arguments (visual, mid_layer, ...)."""
+    return _for_inference(new_draft(DraftConfig.for_target(target, mode, **config), seed), target)
 
 
 def check_compatible(config: DraftConfig, target, source: str = "draft") -> None:
@@ -85,7 +98,7 @@ def load_draft(directory: str | Path, target, mode: str | None = None) -> DraftM
             f"--draft {directory}: expected {CONFIG_FILE} and {WEIGHTS_FILE} there; "
             "create one with `sparrow draft-init --target T --out DIR`"
         )
-    try:
+    try:  # __post_init__ runs again below, after `mode` is applied
         raw = json.loads(config_path.read_text())
         known = {f.name for f in fields(DraftConfig)}
         config = DraftConfig(**{k: v for k, v in raw.items() if k in known})
@@ -94,11 +107,14 @@ def load_draft(directory: str | Path, target, mode: str | None = None) -> DraftM
     check_compatible(config, target, source=str(directory))
     if mode is not None:
         config.mode = mode
+    try:
         config.__post_init__()
+    except CheckpointError as error:
+        raise CheckpointError(f"--draft {directory}: {error}") from error
     draft = DraftModel(config)
     try:
         state = load_file(str(weights_path))
-        draft.load_state_dict(state, strict=True)
+        draft.load_state_dict(state, strict=True)  # casts fp16 files to fp32
     except Exception as error:  # safetensors raises several types for a damaged file
         raise CheckpointError(f"--draft {directory}: cannot load weights ({error})") from error
     return _for_inference(draft, target)

@@ -6,8 +6,13 @@
 
 Emb and lm_head are the target's, frozen, passed in at call time and never saved with the
 draft. The decoder layer is transformers' own LlamaDecoderLayer (SwiGLU MLP, 1-D RoPE) with
-its input norm removed; its attention runs through the same tree-aware kernel as the target.
-Which target positions the draft sees is its mode: `sparrow.draft.modes`.
+its input norm removed; its attention runs through the same tree-aware kernel as the target:
+over the draft's decoding cache, or causal over a whole sequence without one (training).
+Which target positions the draft sees, and what visual positions carry: `sparrow.draft.modes`.
+
+A draft may predict over a reduced vocabulary (EAGLE-3's idea): `vocab` (N,) holds the target
+token ids its head covers, the rows of the target's lm_head it uses; the draft never proposes
+a token outside them, which costs acceptance but never exactness.
 """
 
 from __future__ import annotations
@@ -24,7 +29,8 @@ from transformers.models.llama.modeling_llama import (
     LlamaRotaryEmbedding,
 )
 
-from sparrow.draft.modes import check_mode
+from sparrow.draft.modes import check_mode, check_visual
+from sparrow.errors import CheckpointError
 from sparrow.runtime.attention import TreeMask, register
 from sparrow.runtime.cache import StaticKVCache
 
@@ -43,14 +49,24 @@ class DraftConfig:
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     max_position_embeddings: int = 32768
-    mode: str = "sparrow"
-    mid_layer: int | None = None  # m* for IVSB training: hidden state after m target layers
+    mode: str = "sparrow"  # positions fed at inference (sparrow.draft.modes)
+    visual: str = "none"  # what visual positions carry (sparrow.draft.modes)
+    mid_layer: int | None = None  # m* for `visual` mid: hidden state after m target layers
+    draft_vocab_size: int | None = None  # N rows of the target's lm_head, or None for all
+    training: dict | None = None  # how it was trained (sparrow.training.config), for the record
 
     def __post_init__(self):
         check_mode(self.mode)
+        check_visual(self.visual)
+        if self.visual == "mid" and self.mid_layer is None:
+            raise CheckpointError("draft visual input 'mid' needs mid_layer (m*)")
 
     @classmethod
-    def for_target(cls, target, mode: str = "sparrow") -> DraftConfig:
+    def for_target(
+        cls, target, mode: str = "sparrow", visual: str = "none", mid_layer: int | None = None,
+        draft_vocab_size: int | None = None,
+    ) -> DraftConfig:
+        """A draft shaped like `target`'s decoder layers; `mid_layer` defaults to L/2."""
         text = target.text_config
         heads = text.num_attention_heads
         return cls(
@@ -64,7 +80,9 @@ class DraftConfig:
             rms_norm_eps=text.rms_norm_eps,
             max_position_embeddings=max(32768, text.max_position_embeddings),
             mode=mode,
-            mid_layer=text.num_hidden_layers // 2,
+            visual=visual,
+            mid_layer=text.num_hidden_layers // 2 if mid_layer is None else mid_layer,
+            draft_vocab_size=draft_vocab_size,
         )
 
     def layer_config(self) -> LlamaConfig:
@@ -96,29 +114,52 @@ class DraftModel(nn.Module):
         self.layer = LlamaDecoderLayer(layer_config, layer_idx=0)
         self.layer.input_layernorm = nn.Identity()  # EAGLE convention: no first input norm
         self.rotary = LlamaRotaryEmbedding(layer_config)
+        size = config.draft_vocab_size
+        # (N,) int64 target ids of the head's rows (all of them when no reduced vocabulary)
+        vocab = torch.arange(size or 0, dtype=torch.long)
+        self.register_buffer("vocab", vocab, persistent=size is not None)
 
     @property
     def mode(self) -> str:
         return self.config.mode
+
+    def head_weight(self, lm_head_weight: torch.Tensor) -> torch.Tensor:
+        """(N, d) rows of the target's lm_head weight (V, d) the draft predicts over."""
+        if self.config.draft_vocab_size is None:
+            return lm_head_weight
+        return lm_head_weight[self.vocab.to(lm_head_weight.device)]
+
+    def token_ids(self, indices: torch.Tensor) -> torch.Tensor:
+        """Target token ids of head rows `indices` (any shape)."""
+        if self.config.draft_vocab_size is None:
+            return indices
+        return self.vocab.to(indices.device)[indices]
 
     def new_cache(self, capacity: int) -> StaticKVCache:
         return StaticKVCache(num_layers=1, max_length=capacity)
 
     def forward(
         self,
-        embeds: torch.Tensor,  # (1, n, d): target embeddings of the next tokens x_{t+1}
-        features: torch.Tensor,  # (1, n, d): h_t (target) or the draft's own earlier outputs
-        positions: torch.Tensor,  # (1, n) int64: the draft's own 1-D positions
-        cache: StaticKVCache,
+        embeds: torch.Tensor,  # (B, n, d): target embeddings of the next tokens x_{t+1}
+        features: torch.Tensor,  # (B, n, d): h_t (target) or the draft's own earlier outputs
+        positions: torch.Tensor,  # (B, n) int64: the draft's own 1-D positions
+        cache: StaticKVCache | None = None,
         sparrow_mask: TreeMask | None = None,  # see attention.py
-    ) -> torch.Tensor:  # (1, n, d)
+        direct: torch.Tensor | None = None,  # (B, n, d): states fed as they are where...
+        direct_mask: torch.Tensor | None = None,  # (B, n) bool: ...True (visual, `mid`/`embed`)
+    ) -> torch.Tensor:  # (B, n, d)
+        """One pass of the decoder layer. With a `cache` the new positions are appended to it
+        (decoding); without one, (B, n) whole sequences run causally (training; right padding
+        is harmless: no position sees one after it)."""
         z = self.fc(torch.cat([self.embed_norm(embeds), features.to(embeds.dtype)], dim=-1))
+        if direct is not None:
+            z = torch.where(direct_mask[..., None], direct.to(z.dtype), z)
         cos_sin = self.rotary(z, positions)
         return self.layer(
             z,
             position_ids=positions,
             cache=cache,
-            use_cache=True,
+            use_cache=cache is not None,
             position_embeddings=cos_sin,
             sparrow_mask=sparrow_mask,
         )

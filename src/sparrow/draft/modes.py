@@ -1,12 +1,26 @@
-"""Draft modes: which positions of the target's sequence the draft sees (METHOD.md sections 1-2).
+"""What the draft sees of the target's sequence (METHOD.md sections 1-2). Every decision that
+depends on it is made here.
 
+Two settings, both recorded in the draft's config:
+
+`mode`, which positions the draft is fed at inference:
     sparrow  text only (VATA): visual positions never enter the draft's inputs or cache, and
              its positions are renumbered contiguously over the text, so its cost does not
              grow with the video;
-    eagle    every position (the EAGLE-full baseline: the draft's cache grows with the video).
+    eagle    every position (the draft's cache grows with the video): the EAGLE-full and
+             MSD-like baselines, and the IVSB-without-VATA ablation.
 
-A draft's config records the mode it was made for; `--method` (or `load_draft(mode=...)`)
-may run it in the other. Every decision that depends on the mode is made here.
+`visual`, what a visual position carries when the draft sees it (in training always, at
+inference in `eagle` mode):
+    none     nothing: visual positions are removed in training too (HiViS-like);
+    last     the pair (h_t, x_{t+1}) like any text position, h_t the target's last hidden
+             state (EAGLE-full);
+    mid      the target's hidden state after `mid_layer` layers, fed to the decoder layer
+             as it is (IVSB, Sparrow's training bridge);
+    embed    the target's input embedding there, the projector's output (MSD-like).
+A `none` draft run in `eagle` mode sees visual positions as `last` pairs.
+
+A checkpoint can be run in either mode (`--method sparrow|eagle`, `load_draft(mode=...)`).
 """
 
 from __future__ import annotations
@@ -16,6 +30,8 @@ import torch
 from sparrow.errors import CheckpointError
 
 MODES = ("sparrow", "eagle")
+VISUAL = ("none", "last", "mid", "embed")
+DIRECT = ("mid", "embed")  # visual contents fed to the decoder layer as they are
 
 
 def check_mode(mode: str) -> str:
@@ -24,9 +40,30 @@ def check_mode(mode: str) -> str:
     return mode
 
 
+def check_visual(visual: str) -> str:
+    if visual not in VISUAL:
+        raise CheckpointError(f"draft visual input {visual!r} unknown; choose one of {VISUAL}")
+    return visual
+
+
 def draft_positions(mode: str, visual_mask: torch.Tensor) -> torch.Tensor:
     """(n,) int64: the prompt positions the draft is fed, in order, from the prompt's
     `visual_mask` (L,) bool. Each kept position t is paired with the next kept token."""
     if check_mode(mode) == "sparrow":
         return torch.nonzero(~visual_mask).flatten()
     return torch.arange(visual_mask.shape[0], device=visual_mask.device)
+
+
+def visual_layer(mode: str, visual: str, mid_layer: int | None) -> int | None:
+    """The target layer whose states the draft reads at visual positions, when it reads them
+    directly (`mid`: after `mid_layer` layers; `embed`: 0), else None."""
+    if check_mode(mode) == "sparrow" or check_visual(visual) not in DIRECT:
+        return None
+    return 0 if visual == "embed" else mid_layer
+
+
+def training_positions(visual: str, visual_mask: torch.Tensor) -> torch.Tensor:
+    """(n,) int64: the positions of a training sequence the draft is fed (`visual` none drops
+    the visual ones, as `sparrow` mode does at inference)."""
+    mode = "sparrow" if check_visual(visual) == "none" else "eagle"
+    return draft_positions(mode, visual_mask)

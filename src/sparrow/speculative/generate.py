@@ -149,8 +149,8 @@ def generate(
 ) -> GenerationResult:
     """Generate an answer to `input_ids` (1, L) (+ `video`, a VideoInputs) with `method`.
 
-    `proposer` overrides the method's proposer (anything with start/propose/commit and a
-    `cache_length`, see proposers.py): the extension point for other drafting strategies.
+    `proposer` overrides the method's proposer (anything with start/propose/commit,
+    `cache_length` and `prefill_layers`, see proposers.py): the extension point for other drafting strategies.
     The caches are sized for trees of `tree`'s total_tokens; pass a `tree` that covers a
     custom proposer's largest tree (a tree that does not fit is a ConfigError).
     `on_tokens(list[int])` is called with the tokens each target call emits, as they come
@@ -174,8 +174,10 @@ def generate(
     clock = _Clock(target.device)
     timings = Timings()
     t0 = clock.now()
+    layers = proposer.prefill_layers  # a draft reading target layers at visual positions
     prefill = target.prefill(
-        input_ids, video, capacity=max_new_tokens + tree.total_tokens + 1, prefix=prefix
+        input_ids, video, capacity=max_new_tokens + tree.total_tokens + 1, layers=layers,
+        prefix=None if layers else prefix,  # those states need the full prefill
     )
     first = _pick(prefill.logits, sampling, generator)
     timings.prefill_s = clock.now() - t0

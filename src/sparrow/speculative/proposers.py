@@ -8,7 +8,9 @@ The draft's sequence is a list of pairs (h_t, x_{t+1}): the target's feature at 
 the next token. In `sparrow` mode the pairs are taken over the text positions only: visual
 positions are removed and each text position is paired with the next *text* token, so the
 video shrinks to its start/end markers (Qwen) or to nothing (LLaVA) and the draft's cache
-length equals the number of text tokens. In `eagle` mode every position is a pair.
+length equals the number of text tokens. In `eagle` mode every position is a pair, or, for
+drafts whose visual positions carry a target layer's states (`mid`, `embed`), those states
+(the prefill captures them: `prefill_layers`).
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ from __future__ import annotations
 import torch
 
 from sparrow.draft import DraftModel
-from sparrow.draft.modes import draft_positions
+from sparrow.draft.modes import draft_positions, visual_layer
 from sparrow.runtime.attention import TreeMask
+from sparrow.runtime.linear import pack_linears
 from sparrow.speculative.tree import Tree, TreeSpec, select_nodes
 from sparrow.targets.base import PrefillOutput, TargetAdapter
 
@@ -35,6 +38,7 @@ class NoDraftProposer:
     """Plain decoding: every round verifies the root alone (one decode step)."""
 
     cache_length = None
+    prefill_layers = ()
 
     def start(self, prefill: PrefillOutput, first_token: int, capacity: int) -> None:
         pass
@@ -58,10 +62,26 @@ class DraftProposer:
         self.length = 0  # committed pairs in the draft cache
         self.cache = None
         self.last_output: torch.Tensor | None = None  # (d,) output at the last committed pair
+        config = draft.config
+        self.visual_layer = visual_layer(self.mode, config.visual, config.mid_layer)
+        # what the draft predicts over: the target's lm_head, or, for a reduced vocabulary,
+        # a linear of its N rows (a copy, packed like every draft linear)
+        self.head = target.model.get_output_embeddings()
+        if config.draft_vocab_size is not None:
+            weight = draft.head_weight(self.head.weight.detach())  # (N, d)
+            self.head = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False,
+                                        device=weight.device, dtype=weight.dtype)
+            self.head.weight = torch.nn.Parameter(weight, requires_grad=False)
+            pack_linears(self.head)
 
     @property
     def cache_length(self) -> int:
         return self.length
+
+    @property
+    def prefill_layers(self) -> tuple[int, ...]:
+        """Target layers whose states the prefill must capture for this draft."""
+        return () if self.visual_layer is None else (self.visual_layer,)
 
     def start(self, prefill: PrefillOutput, first_token: int, capacity: int) -> None:
         """Feed the prompt's pairs; `first_token` is the token the target chose after it."""
@@ -72,11 +92,24 @@ class DraftProposer:
         levels = self.spec.depth * self.spec.top_k
         self.cache = self.draft.new_cache(kept.shape[0] + capacity + levels)
         self.length = 0
-        self.commit(prefill.hidden[kept], sequence[following])
+        direct = None
+        if self.visual_layer is not None:
+            direct = (prefill.layer_hidden[self.visual_layer][kept], prefill.visual_mask[kept])
+        self._append(prefill.hidden[kept], sequence[following], direct)
 
-    @torch.no_grad()
     def commit(self, features: torch.Tensor, next_tokens: torch.Tensor) -> None:
         """Append committed pairs: features (k, d) target hidden states, next_tokens (k,)."""
+        self._append(features, next_tokens)
+
+    @torch.no_grad()
+    def _append(
+        self,
+        features: torch.Tensor,
+        next_tokens: torch.Tensor,
+        direct: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> None:
+        """Append pairs to the draft cache; `direct` ((k, d) states, (k,) bool mask): positions
+        fed those states as they are (visual positions of `mid` / `embed` drafts)."""
         self.cache.truncate(self.length)  # forget the last round's drafted tree
         k = next_tokens.shape[0]
         positions = torch.arange(self.length, self.length + k, device=features.device)[None]
@@ -90,20 +123,25 @@ class DraftProposer:
             positions,
             self.cache,
             mask,
+            direct=None if direct is None else direct[0][None],
+            direct_mask=None if direct is None else direct[1][None],
         )
         self.length += k
         self.last_output = out[0, -1]
 
-    def _log_probs(self, hidden: torch.Tensor) -> torch.Tensor:
-        return torch.log_softmax(self.target.lm_head(hidden).float(), dim=-1)
+    def _top(self, hidden: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The draft's k best next tokens after each of hidden (b, d): log-probs (b, k) over
+        its vocabulary and their target token ids (b, k)."""
+        top = torch.log_softmax(self.head(hidden).float(), dim=-1).topk(k)
+        return top.values, self.draft.token_ids(top.indices)
 
     @torch.no_grad()
     def propose(self, root: int) -> Tree:
         spec, device = self.spec, self.last_output.device
         k = spec.top_k
-        top = self._log_probs(self.last_output[None])[0].topk(k)
-        tokens = [top.indices]  # per level, candidate tokens
-        scores = [top.values]  # cumulative log-probs
+        top_values, top_tokens = self._top(self.last_output[None], k)
+        tokens = [top_tokens[0]]  # per level, candidate tokens
+        scores = [top_values[0]]  # cumulative log-probs
         parents = [torch.full((k,), -1, dtype=torch.long)]  # candidate index of the parent
         depths = [torch.ones(k, dtype=torch.long)]
         offset = 0  # candidate index of the first node of the current level
@@ -136,9 +174,9 @@ class DraftProposer:
                 self.cache,
                 mask,
             )[0]  # (b, d)
-            child = self._log_probs(out).topk(k)  # (b, k)
-            child_scores = (level_scores[beams, None] + child.values).flatten()  # (b*k,)
-            tokens.append(child.indices.flatten())
+            child_values, child_tokens = self._top(out, k)  # (b, k) each
+            child_scores = (level_scores[beams, None] + child_values).flatten()  # (b*k,)
+            tokens.append(child_tokens.flatten())
             scores.append(child_scores)
             parents.append((offset + beams.cpu()).repeat_interleave(k))
             depths.append(torch.full((b * k,), level + 1, dtype=torch.long))

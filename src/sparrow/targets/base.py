@@ -21,7 +21,7 @@ import hashlib
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -44,7 +44,9 @@ class PrefillOutput:
     hidden: torch.Tensor  # (L, d): last hidden state at every prompt position
     visual_mask: torch.Tensor  # (L,) bool: True at visual-token positions
     input_ids: torch.Tensor  # (L,) int64: the prompt, placeholders included
-    mid_hidden: torch.Tensor | None = None  # (L, d): output of layer `mid_layer`, if asked
+    # layer m -> (L, d) hidden state after m decoder layers (0: the input embeddings, the
+    # projector's output at visual positions), for the layers `prefill(layers=...)` asked for
+    layer_hidden: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -198,13 +200,14 @@ class TargetAdapter:
         input_ids: torch.Tensor,
         video: VideoInputs | None = None,
         capacity: int = 0,
-        mid_layer: int | None = None,
+        layers: tuple[int, ...] = (),
         prefix: PrefixState | None = None,
     ) -> PrefillOutput:
         """Run the prompt (with its video) through the target into a fresh cache.
 
         input_ids: (1, L) or (L,). `capacity` extra cache slots are reserved for generated and
-        tree tokens. `mid_layer` m asks for the hidden state after m decoder layers (training).
+        tree tokens. `layers` (m, ...) asks for the hidden states after m decoder layers (0: the
+        input embeddings), for drafts that see visual positions through them and for training.
         `prefix`: a state from `snapshot()`; when it covers the start of this prompt (video
         included), only the rest of the prompt runs, over a copy of its cached keys/values.
         Pass the video too when you have it: a prefix made from other pixels is then refused
@@ -220,17 +223,13 @@ class TargetAdapter:
             if video is not None and video_fingerprint(video) != prefix.video_fingerprint:
                 reused = 0  # same token layout, other pixels
             if reused:
-                if mid_layer is not None:
-                    raise ValueError("mid_layer needs a full prefill; do not pass a prefix")
+                if layers:
+                    raise ValueError("layers= needs a full prefill; do not pass a prefix")
                 return self._prefill_from(prefix, reused, input_ids, capacity)
         self.cache = StaticKVCache(self.num_layers, length + capacity)
         position_ids, self.position_offset = self._prompt_positions(input_ids, video)
-        mid: dict[str, torch.Tensor] = {}
-        handle = None
-        if mid_layer is not None:
-            if not 0 <= mid_layer <= self.num_layers:
-                raise ValueError(f"mid_layer must be in [0, {self.num_layers}], got {mid_layer}")
-            handle = self._capture_layer_output(mid_layer, mid)
+        captured: dict[int, torch.Tensor] = {}
+        handles = [self._capture_layer_output(m, captured) for m in sorted(set(layers))]
         try:
             out = self.model.model(
                 input_ids=input_ids,
@@ -240,7 +239,7 @@ class TargetAdapter:
                 **self._prefill_kwargs(input_ids, video),
             )
         finally:
-            if handle is not None:
+            for handle in handles:
                 handle.remove()
         hidden = out.last_hidden_state[0]  # (L, d)
         logits = self.lm_head(hidden[-1:]).float()[0]  # (V,)
@@ -250,7 +249,7 @@ class TargetAdapter:
             hidden=hidden,
             visual_mask=(input_ids[0] == video_id),
             input_ids=input_ids[0],
-            mid_hidden=mid.get("hidden"),
+            layer_hidden=captured,
         )
         self._prompt_video = None if video is None else video_fingerprint(video)
         return self.prompt
@@ -291,18 +290,21 @@ class TargetAdapter:
             video_fingerprint=self._prompt_video,
         )
 
-    def _capture_layer_output(self, mid_layer: int, store: dict):
-        """Record the hidden state after `mid_layer` decoder layers (0 = the embeddings)."""
+    def _capture_layer_output(self, layer: int, store: dict[int, torch.Tensor]):
+        """Record in store[layer] the hidden state after `layer` decoder layers (0: the input
+        embeddings) of the next forward; returns the hook's handle."""
+        if not 0 <= layer <= self.num_layers:
+            raise ValueError(f"layer must be in [0, {self.num_layers}], got {layer}")
         layers = self.model.model.language_model.layers
-        if mid_layer == 0:
+        if layer == 0:
             def hook(module, args, kwargs, output):
-                store["hidden"] = (kwargs.get("hidden_states", args[0] if args else None))[0]
+                store[0] = (kwargs.get("hidden_states", args[0] if args else None))[0]
             return layers[0].register_forward_hook(hook, with_kwargs=True)
 
         def hook_out(module, args, kwargs, output):
             tensor = output[0] if isinstance(output, tuple) else output
-            store["hidden"] = tensor[0]
-        return layers[mid_layer - 1].register_forward_hook(hook_out, with_kwargs=True)
+            store[layer] = tensor[0]
+        return layers[layer - 1].register_forward_hook(hook_out, with_kwargs=True)
 
     @torch.no_grad()
     def forward(
