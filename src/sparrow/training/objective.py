@@ -138,7 +138,7 @@ def losses(draft, batch: Batch, frozen: Frozen, config: TrainConfig, count: floa
             loss = loss + config.feature_weight * F.smooth_l1_loss(
                 hidden, batch.labels[scored], reduction="none").mean(-1).sum()
         total = total + weight * loss / count
-        per_pass.append(float(ce) / max(1, hidden.shape[0]))
+        per_pass.append(float(ce.detach()) / max(1, hidden.shape[0]))
     return total, per_pass
 
 

@@ -130,7 +130,8 @@ def _to(batch, device):
     return batch
 
 
-def _save_checkpoint(out: Path, model, optimizer, step: int, tokens: int, identity: dict) -> None:
+def _save_checkpoint(out: Path, model, optimizer, scheduler, step: int, tokens: int,
+                     identity: dict) -> None:
     tmp, final = out / (CHECKPOINT + ".partial"), out / CHECKPOINT
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -138,7 +139,8 @@ def _save_checkpoint(out: Path, model, optimizer, step: int, tokens: int, identi
 
     save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
               str(tmp / "draft.safetensors"))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+               tmp / "optimizer.pt")
     (tmp / "state.json").write_text(json.dumps({"step": step, "tokens": tokens, **identity}, indent=2))
     old = out / (CHECKPOINT + ".old")
     shutil.rmtree(old, ignore_errors=True)
@@ -148,20 +150,23 @@ def _save_checkpoint(out: Path, model, optimizer, step: int, tokens: int, identi
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _resume(out: Path, model, optimizer, identity: dict) -> tuple[int, int]:
-    """Load `out`'s checkpoint into model and optimizer; (step, tokens) to continue from."""
+def _resume(out: Path, model, optimizer, scheduler, identity: dict) -> tuple[int, int]:
+    """Load `out`'s checkpoint into model, optimizer and scheduler; (step, tokens) to continue
+    from ((0, 0) without one)."""
     path = out / CHECKPOINT
     if not path.is_dir():
         return 0, 0
     from safetensors.torch import load_file
 
     state = json.loads((path / "state.json").read_text())
-    for key, value in identity.items():
+    for key, value in json.loads(json.dumps(identity)).items():  # as JSON wrote it
         if state.get(key) != value:
             raise ConfigError(f"--out {out} holds a run with another {key}; use another --out, "
                               "or delete it to start over")
     model.load_state_dict(load_file(str(path / "draft.safetensors")))
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    states = torch.load(path / "optimizer.pt", weights_only=True)
+    optimizer.load_state_dict(states["optimizer"])
+    scheduler.load_state_dict(states["scheduler"])
     return state["step"], state["tokens"]
 
 
@@ -171,11 +176,12 @@ def _append_log(out: Path, record: dict) -> None:
 
 
 def _trim_log(out: Path, step: int) -> None:
-    """Keep the log records of steps before `step` (the rest belongs to an interrupted run)."""
+    """Keep the log records up to the checkpoint's `step` (later ones belong to the run that
+    was interrupted after it)."""
     path = out / LOG
     if path.is_file():
         keep = [line for line in path.read_text().splitlines()
-                if line and json.loads(line)["step"] < step]
+                if line and json.loads(line)["step"] <= step]
         path.write_text("".join(line + "\n" for line in keep))
 
 
@@ -219,9 +225,7 @@ def train(target, data: list[str | Path], out: str | Path, config: TrainConfig,
     identity = {"config": config.to_dict(), "data": [m["target"]["weights"] + f"/{len(dataset.samples)}"
                                                       for m in dataset.manifests]}
     out.mkdir(parents=True, exist_ok=True)
-    step, tokens = _resume(out, accelerator.unwrap_model(model), optimizer, identity)
-    for _ in range(step):
-        scheduler.step()  # LambdaLR is a function of the step: replay it
+    step, tokens = _resume(out, accelerator.unwrap_model(model), optimizer, scheduler, identity)
     if main:
         _trim_log(out, step)
     frozen = _frozen(target, vocab, accelerator.device)
@@ -259,7 +263,8 @@ def train(target, data: list[str | Path], out: str | Path, config: TrainConfig,
         if step % config.checkpoint_every == 0 or step == end:
             accelerator.wait_for_everyone()
             if main:
-                _save_checkpoint(out, accelerator.unwrap_model(model), optimizer, step, tokens, identity)
+                _save_checkpoint(out, accelerator.unwrap_model(model), optimizer, scheduler, step, tokens,
+                                 identity)
         bar.set_postfix(loss=f"{loss_value:.3f}", tau="-" if tau is None else f"{tau:.2f}")
         bar.update(1)
     bar.close()

@@ -1,0 +1,106 @@
+"""`sparrow train`: it learns, it resumes exactly, two processes train what one does, and it
+refuses data made by another target."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sparrow.draft import load_draft
+from sparrow.errors import DataError
+from sparrow.training.config import preset
+from sparrow.training.trainer import train
+from tests.training.conftest import FAMILY
+
+CONFIG = dict(epochs=6.0, stage1_epochs=1.0, batch_size=2, held_out=0.0, eval_every=3,
+              checkpoint_every=2, lr=3e-3)
+
+
+def _weights(directory):
+    return load_file(str(directory / "model.safetensors"))
+
+
+@pytest.mark.parametrize("name", ["sparrow", "eagle", "msd", "ablation-vata"])
+def test_training_lowers_the_loss_and_writes_a_draft(tiny_target, data_dir, tmp_path, name):
+    config = preset(name, **CONFIG)
+    summary = train(tiny_target, [data_dir], tmp_path / "d", config, progress=False)
+    assert summary["finished"] and summary["steps"] == summary["total_steps"]
+    log = [json.loads(line) for line in (tmp_path / "d" / "log.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in log if "loss" in r]
+    assert [r["stage"] for r in log if "loss" in r][0] == 1  # text-only samples first
+    assert len(losses) == summary["total_steps"] and losses[-1] < 0.7 * losses[0]
+    draft = load_draft(tmp_path / "d", tiny_target)
+    assert (draft.config.mode, draft.config.visual) == (config.mode, config.visual)
+    assert draft.config.training["preset"] == name
+    assert (tmp_path / "d" / "loss.png").stat().st_size > 0
+
+
+def test_an_interrupted_run_resumes_exactly(tiny_target, data_dir, tmp_path):
+    config = preset("sparrow", draft_vocab=24, **CONFIG)
+    whole = train(tiny_target, [data_dir], tmp_path / "whole", config, progress=False)
+    part = train(tiny_target, [data_dir], tmp_path / "parts", config, stop_after=3, progress=False)
+    assert not part["finished"] and part["steps"] == 3
+    rest = train(tiny_target, [data_dir], tmp_path / "parts", config, progress=False)
+    assert rest["finished"] and rest["steps"] == whole["steps"]
+    a, b = _weights(tmp_path / "whole"), _weights(tmp_path / "parts")
+    assert a.keys() == b.keys() and "vocab" in a
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert (tmp_path / "whole" / "log.jsonl").read_text() == (tmp_path / "parts" / "log.jsonl").read_text()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_train_the_weights_of_one(data_dir, tmp_path):
+    """DDP over gloo, two CPU processes, each half of every global batch of 4."""
+    flags = ["--target", f"tiny:{FAMILY}", "--data", str(data_dir), "--preset", "sparrow",
+             "--epochs", "3", "--stage1-epochs", "0", "--batch-size", "4", "--held-out", "0",
+             "--lr", "3e-3"]
+    command = [sys.executable, "-m", "sparrow.cli", "train", *flags]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([*command, "--out", str(tmp_path / "one")], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-2000:]
+    port = str(_free_port())
+    procs = [subprocess.Popen([*command, "--out", str(tmp_path / "two")], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True,
+                              env={**env, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
+                                   "WORLD_SIZE": "2", "RANK": str(r), "LOCAL_RANK": str(r)})
+             for r in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-2000:]
+    assert json.loads(outs[0][0].splitlines()[-1])["processes"] == 2
+    a, b = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4)
+    initial = _weights_of_untrained(tmp_path)
+    assert any(not torch.allclose(a[k], initial[k]) for k in a)  # it did train
+
+
+def _weights_of_untrained(tmp_path):
+    from sparrow.draft.checkpoint import new_draft
+    from sparrow.draft.model import DraftConfig
+    from sparrow.targets import load_target
+
+    config = json.loads((tmp_path / "one" / "config.json").read_text())
+    config.pop("training")
+    return new_draft(DraftConfig(**config), seed=0).state_dict()
+
+
+def test_data_of_another_target_is_refused(data_dir, tmp_path):
+    from sparrow.targets import load_target
+
+    with pytest.raises(DataError, match="made by target"):
+        train(load_target("tiny:qwen2_vl"), [data_dir], tmp_path / "d", preset("sparrow", **CONFIG))
