@@ -92,7 +92,6 @@ def test_two_processes_train_the_weights_of_one(data_dir, tmp_path):
 def _weights_of_untrained(tmp_path):
     from sparrow.draft.checkpoint import new_draft
     from sparrow.draft.model import DraftConfig
-    from sparrow.targets import load_target
 
     config = json.loads((tmp_path / "one" / "config.json").read_text())
     config.pop("training")
