@@ -19,6 +19,7 @@ from sparrow.speculative.generate import GenerationResult, generate
 from sparrow.speculative.sampling import SamplingParams
 from sparrow.speculative.tree import DEFAULT_TREE, TreeSpec
 from sparrow.targets import TargetAdapter
+from sparrow.targets.base import PrefixState
 from sparrow.video.io import read_video
 from sparrow.video.processing import VideoInputs, preprocess_video
 from sparrow.video.prompt import build_video_prompt
@@ -62,8 +63,13 @@ def answer(
     top_k: int = 0,
     seed: int | None = None,
     system: str | None = None,
+    prefix: PrefixState | None = None,
 ) -> Answer:
-    """Answer `question` about `video` (a file path, prepared VideoInputs, or None)."""
+    """Answer `question` about `video` (a file path, prepared VideoInputs, or None).
+
+    `prefix` (from `target.snapshot()` after an earlier answer or `target.prefill`) skips
+    prefilling the part of the prompt it covers: ask several questions, or compare several
+    methods, over one prefill of the video."""
     sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
     tree = TreeSpec.parse(tree) if isinstance(tree, str) else tree
     if video is not None and not isinstance(video, VideoInputs):
@@ -78,6 +84,7 @@ def answer(
         tree=tree,
         max_new_tokens=max_new_tokens,
         sampling=sampling,
+        prefix=prefix,
     )
     text = target.tokenizer.decode(result.token_ids, skip_special_tokens=True)
     return Answer(text=text, result=result)

@@ -73,8 +73,25 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     options.add_video(chat)
     options.add_sampling(chat)
 
+    bench = sub.add_parser(
+        "bench", help="plain decoding vs drafts on held-out videos: tau, DSR, timings",
+        description="AR and every draft on the same videos and prompts, each video prefilled "
+        "once; writes cells.jsonl (resumable), bench.json, bench.md and bench.png to --out.")
+    options.add_target(bench)
+    bench.add_argument("--drafts", default="", help="comma-separated draft directories (their "
+                       "directory names label them)")
+    bench.add_argument("--lengths", default="0.5k,1.5k", help="visual-token lengths (default 0.5k,1.5k)")
+    bench.add_argument("--videos", type=int, default=4,
+                       help="videos per length (reference target: evaluation seeds; default 4)")
+    bench.add_argument("--prompts", help="JSON Lines of questions and videos (targets other than "
+                       "the reference)")
+    bench.add_argument("--temperatures", default="0", help="comma-separated (default 0)")
+    bench.add_argument("--tree", default=str(options.DEFAULT_TREE), help=options.TREE_HELP)
+    bench.add_argument("--max-new-tokens", type=int, default=128, help="answer length limit (default 128)")
+    bench.add_argument("--out", required=True, help="results directory (resumed if it holds cells)")
+
     commands = {"generate": cmd_generate, "draft-init": cmd_draft_init, "serve": cmd_serve,
-                "chat": cmd_chat}
+                "chat": cmd_chat, "bench": cmd_bench}
     commands.update(training_cli.add_commands(sub))
     commands.update(fixture.add_commands(sub))
     return parser, commands
@@ -180,6 +197,39 @@ def cmd_chat(args: argparse.Namespace) -> int:
         video = prepare_video(target, args.video, num_frames=args.num_frames, fps=args.fps)
     chat(target, video, method=method, draft=draft, tree=tree,
          max_new_tokens=args.max_new_tokens, sampling=sampling)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from sparrow import fixture
+    from sparrow.bench import cases_from_prompts, parse_lengths, run_bench
+    from sparrow.errors import ConfigError
+    from sparrow.speculative.tree import TreeSpec
+    from sparrow.targets import load_target
+    from sparrow.training.prompts import read_prompts
+
+    lengths = parse_lengths(args.lengths)
+    try:
+        temperatures = [float(t) for t in args.temperatures.split(",")]
+    except ValueError as error:
+        raise ConfigError(f"--temperatures {args.temperatures}: comma-separated numbers") from error
+    if any(t < 0 for t in temperatures) or args.videos < 1 or args.max_new_tokens < 1:
+        raise ConfigError("--temperatures must be >= 0, --videos and --max-new-tokens >= 1")
+    TreeSpec.parse(args.tree)
+    drafts = [d for d in args.drafts.split(",") if d]
+    target = load_target(args.target, dtype=options.dtype_of(args), device=args.device)
+    if args.prompts:
+        cases = cases_from_prompts(target, read_prompts(args.prompts)[: args.videos], lengths)
+    elif fixture.is_reference(args.target):
+        cases = fixture.reference_cases(target, lengths, args.videos)
+    else:
+        raise ConfigError(f"--target {args.target}: give --prompts FILE (JSON Lines of questions "
+                          "and videos); only the reference target has built-in evaluation videos")
+    report = run_bench(target, cases, drafts, args.out, tree=args.tree, temperatures=temperatures,
+                       max_new_tokens=args.max_new_tokens)
+    from sparrow.bench import markdown
+
+    print(markdown(report["rows"], report))
     return 0
 
 

@@ -42,6 +42,23 @@ def reference_prompts(count: int, seed: int, video_dir: Path):
     return make(count, seed, video_dir)
 
 
+def reference_cases(target, lengths: list[int], videos: int):
+    """Benchmark cases of the reference target: evaluation-seed videos (never trained on)
+    with as many frames as fit each length, asked for a detailed description."""
+    from sparrow.bench import Case
+    from sparrow.home import cache_home
+    from sparrow.reference import synthetic
+    from sparrow.reference.eval_target import PROMPT, frames_for_length, video_for
+
+    cases = []
+    for length in lengths:
+        frames = frames_for_length(target, length)
+        for index in range(videos):
+            path, _ = video_for(synthetic.EVAL_SEED_START + index, frames, cache_home() / "eval-videos")
+            cases.append(Case(length, index, PROMPT, str(path), frames))
+    return cases
+
+
 def add_commands(subparsers) -> dict[str, Callable[[argparse.Namespace], int]]:
     """Add the fixture's subcommands to the `sparrow` parser; returns their handlers by name."""
     from sparrow.reference import eval_target

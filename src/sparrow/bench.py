@@ -1,0 +1,248 @@
+"""`sparrow bench`: plain decoding and every draft on the same held-out videos, same run.
+
+Each video is prefilled once; its state (`target.snapshot()`) is reused by every method, so
+the methods differ only in decoding (drafts whose visual positions carry a target layer's
+states, run in eagle mode, need that layer from a full prefill and take one). Per cell
+(length, video, temperature, method) one record goes to `cells.jsonl` as it finishes; a rerun
+skips the cells already there (an interrupted run resumes with finished cells kept). The
+report (`bench.json`, `bench.md`, `bench.png`) is rebuilt from the cells:
+
+    tau      tokens after the first / target calls, over all videos (bonus tokens included;
+             AR: 1)
+    DSR      decode-phase speedup over AR: AR's decode seconds per token / the method's, per
+             video, median over videos (prefill excluded); ESR includes the shared prefill
+    draft, verify: milliseconds per target call; calls: target calls per video (mean)
+
+Videos and prompts: for the reference target, evaluation seeds (never trained on) rendered
+with as many frames as fit each length, asked "Describe the video in detail."; for other
+targets, `--prompts FILE` (sparrow.training.prompts), each video sampled to fit the length.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from sparrow.errors import ConfigError
+from sparrow.speculative.generate import generate
+from sparrow.speculative.sampling import SamplingParams
+from sparrow.speculative.tree import TreeSpec
+
+CELLS = "cells.jsonl"
+
+
+def parse_lengths(text: str) -> list[int]:
+    """'0.5k,1.5k,6000' -> [500, 1500, 6000] (visual tokens)."""
+    lengths = []
+    for part in text.split(","):
+        part = part.strip().lower()
+        try:
+            value = float(part[:-1]) * 1000 if part.endswith("k") else float(part)
+        except ValueError as error:
+            raise ConfigError(f"--lengths {text}: {part!r} is not a length like 0.5k or 1500") from error
+        if value < 1:
+            raise ConfigError(f"--lengths {text}: lengths must be positive")
+        lengths.append(int(round(value)))
+    return lengths
+
+
+@dataclass(frozen=True)
+class Case:
+    """One held-out video (or none) and its question, at one length."""
+
+    length: int
+    index: int
+    question: str
+    video: str | None
+    num_frames: int | None
+
+
+def _key(record: dict) -> tuple:
+    return record["length"], record["index"], record["temperature"], record["method"]
+
+
+def _load_cells(out: Path) -> list[dict]:
+    path = out / CELLS
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _methods(target, drafts: list[str]) -> list[tuple[str, object]]:
+    from sparrow.draft import load_draft
+
+    methods: list[tuple[str, object]] = [("ar", None)]
+    names = set()
+    for directory in drafts:
+        name = Path(directory).name
+        if name in names or name == "ar":
+            raise ConfigError(f"--drafts: two drafts named {name!r}; give the directories distinct names")
+        names.add(name)
+        methods.append((name, load_draft(directory, target)))
+    return methods
+
+
+def run_bench(target, cases: list[Case], drafts: list[str], out: str | Path, *, tree: str,
+              temperatures: list[float], max_new_tokens: int, seed: int = 0) -> dict:
+    """Run every missing cell into `out`/cells.jsonl; returns the report (and writes it)."""
+    from sparrow.api import prepare_video
+    from sparrow.video.prompt import build_video_prompt
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    spec = TreeSpec.parse(tree)
+    methods = _methods(target, drafts)
+    done = {_key(r) for r in _load_cells(out)}
+    todo = [(c, t, m) for c in cases for t in temperatures for m, _ in methods
+            if (c.length, c.index, t, m) not in done]
+    bar = tqdm(total=len(todo), desc="bench", unit="run")
+    warmed = False
+    for case in cases:
+        pending = [(t, name, d) for t in temperatures for name, d in methods
+                   if (case.length, case.index, t, name) not in done]
+        if not pending:
+            continue
+        video = None
+        if case.video is not None:
+            video = prepare_video(target, case.video, num_frames=case.num_frames)
+        ids = build_video_prompt(target.tokenizer, target.config, video, case.question)
+        start = time.perf_counter()
+        target.prefill(ids, video)
+        prefill_s = time.perf_counter() - start
+        prefix = target.snapshot()
+        if not warmed:  # first calls pack weights and build kernels: not part of any timing
+            for _, draft in methods:
+                generate(target, ids, video, method=draft.mode if draft else "ar", draft=draft,
+                         tree=spec, max_new_tokens=4, prefix=prefix)
+            warmed = True
+        for temperature, name, draft in pending:
+            sampling = SamplingParams(temperature=temperature, seed=seed + case.index)
+            result = generate(target, ids, video, method=draft.mode if draft else "ar", draft=draft,
+                              tree=spec, max_new_tokens=max_new_tokens, sampling=sampling, prefix=prefix)
+            t = result.timings
+            record = {"length": case.length, "index": case.index, "temperature": temperature,
+                      "method": name, "mode": result.method, "num_frames": case.num_frames,
+                      "visual_tokens": result.num_visual_tokens, "prompt_tokens": result.num_prompt_tokens,
+                      "tokens": len(result.token_ids), "target_calls": result.target_calls,
+                      "tau": result.tau, "prefill_s": prefill_s, "decode_s": t.decode_s,
+                      "draft_s": t.draft_s, "verify_s": t.verify_s,
+                      "draft_cache_length": result.draft_cache_length, "token_ids": result.token_ids}
+            with open(out / CELLS, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            bar.update(1)
+            bar.set_postfix(length=case.length, method=name, tau=f"{result.tau:.2f}")
+    bar.close()
+    return write_report(out, tree=tree, target_name=target.name)
+
+
+def summarize(cells: list[dict]) -> list[dict]:
+    """One row per (temperature, length, method) (module docstring)."""
+    rows = []
+    groups: dict[tuple, list[dict]] = {}
+    for cell in cells:
+        groups.setdefault((cell["temperature"], cell["length"], cell["method"]), []).append(cell)
+    ar_cells = {(c["temperature"], c["length"], c["index"]): c for c in cells if c["method"] == "ar"}
+    for (temperature, length, method), group in sorted(groups.items(), key=lambda kv: (
+            kv[0][0], kv[0][1], kv[0][2] != "ar", kv[0][2])):
+        calls = sum(c["target_calls"] for c in group)
+        dsr, esr, same = [], [], []
+        for c in group:
+            ar = ar_cells.get((temperature, length, c["index"]))
+            if ar is None or not c["tokens"] or not ar["tokens"]:
+                continue
+            dsr.append((ar["decode_s"] / ar["tokens"]) / (c["decode_s"] / c["tokens"]))
+            esr.append((ar["prefill_s"] + ar["decode_s"]) / (c["prefill_s"] + c["decode_s"]))
+            same.append(c["token_ids"] == ar["token_ids"])
+        rows.append({
+            "temperature": temperature, "length": length, "method": method, "videos": len(group),
+            "visual_tokens": round(statistics.mean(c["visual_tokens"] for c in group)),
+            # the first token comes from the prefill: the calls produced the rest
+            "tau": sum(c["tokens"] - 1 for c in group) / max(1, calls),
+            "dsr": statistics.median(dsr) if dsr else None,
+            "esr": statistics.median(esr) if esr else None,
+            "draft_ms": 1000 * sum(c["draft_s"] for c in group) / max(1, calls),
+            "verify_ms": 1000 * sum(c["verify_s"] for c in group) / max(1, calls),
+            "prefill_s": statistics.mean(c["prefill_s"] for c in group),
+            "calls": calls / len(group),
+            "tokens": statistics.mean(c["tokens"] for c in group),
+            "identical_to_ar": (sum(same), len(same)) if temperature == 0 else None,
+            "draft_cache_length": statistics.mean(c["draft_cache_length"] or 0 for c in group),
+        })
+    return rows
+
+
+def write_report(out: Path, **context) -> dict:
+    from sparrow.machine import machine_info
+
+    cells = _load_cells(out)
+    rows = summarize(cells)
+    report = {**context, "machine": machine_info(), "rows": rows}
+    (out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "bench.md").write_text(markdown(rows, context))
+    if rows:
+        plot(rows, out / "bench.png")
+    return report
+
+
+def markdown(rows: list[dict], context: dict) -> str:
+    lines = [f"target {context.get('target_name')}, tree {context.get('tree')}", "",
+             "| T | visual tokens | method | tau | DSR | ESR | draft ms/call | verify ms/call | "
+             "calls/video | identical to AR | videos |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        same = "" if r["identical_to_ar"] is None else f"{r['identical_to_ar'][0]}/{r['identical_to_ar'][1]}"
+        dsr = "-" if r["dsr"] is None else f"{r['dsr']:.2f}x"
+        esr = "-" if r["esr"] is None else f"{r['esr']:.2f}x"
+        lines.append(f"| {r['temperature']:g} | {r['visual_tokens']} | {r['method']} | {r['tau']:.2f} | "
+                     f"{dsr} | {esr} | {r['draft_ms']:.1f} | {r['verify_ms']:.1f} | {r['calls']:.1f} | "
+                     f"{same} | {r['videos']} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for temperature in sorted({r["temperature"] for r in rows}):
+        for method in sorted({r["method"] for r in rows}):
+            mine = [r for r in rows if r["method"] == method and r["temperature"] == temperature]
+            xs = [r["visual_tokens"] for r in mine]
+            label = f"{method} T={temperature:g}"
+            left.plot(xs, [r["tau"] for r in mine], marker="o", label=label)
+            right.plot(xs, [r["dsr"] or 0 for r in mine], marker="o", label=label)
+    for axis, name in ((left, "tau (tokens per target call)"), (right, "DSR (decode speedup over AR)")):
+        axis.set_xscale("log")
+        axis.set_xlabel("visual tokens")
+        axis.set_ylabel(name)
+        axis.grid(alpha=0.3)
+    right.axhline(1.0, color="grey", lw=0.8)
+    left.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def cases_from_prompts(target, prompts, lengths: list[int]) -> list[Case]:
+    """Cases of a prompts file: each video sampled with as many frames as fit each length."""
+    from sparrow.video.io import read_video
+    from sparrow.video.processing import frames_for_budget
+
+    cases = []
+    for length in lengths:
+        for index, prompt in enumerate(prompts):
+            frames = None
+            if prompt.video is not None:
+                clip = read_video(prompt.video, num_frames=1)
+                height, width = clip.frames.shape[1:3]
+                frames = frames_for_budget(target.config, target.processor_config, length, height, width,
+                                           max_frames=100_000)
+            cases.append(Case(length, index, prompt.question, prompt.video, frames))
+    return cases

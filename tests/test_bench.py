@@ -1,0 +1,78 @@
+"""`sparrow bench`: AR and drafts on the same videos, one prefill each, resumable cells, and a
+report whose numbers come from those cells."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sparrow.bench import CELLS, cases_from_prompts, parse_lengths, run_bench, summarize
+from sparrow.draft import init_draft
+from sparrow.errors import ConfigError
+from sparrow.training.prompts import read_prompts
+
+
+@pytest.fixture
+def setup(tmp_path, video_file):
+    from sparrow.targets import load_target
+
+    target = load_target("tiny:llava_onevision")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"question": q, "video": video_file(8, i)}) + "\n"
+                               for i, q in enumerate(["What happens?", "Describe it."])))
+    for mode in ("sparrow", "eagle"):
+        init_draft(target, mode, seed=1).save(tmp_path / mode)
+    return target, read_prompts(prompts), [str(tmp_path / m) for m in ("sparrow", "eagle")]
+
+
+def test_bench_runs_every_cell_once_and_resumes(setup, tmp_path):
+    target, prompts, drafts = setup
+    cases = cases_from_prompts(target, prompts, [100, 200])
+    assert [c.num_frames for c in cases][0] < [c.num_frames for c in cases][-1]
+    out = tmp_path / "bench"
+    report = run_bench(target, cases, drafts, out, tree="5-3-2", temperatures=[0.0, 1.0],
+                       max_new_tokens=12)
+    cells = [json.loads(line) for line in (out / CELLS).read_text().splitlines()]
+    assert len(cells) == len(cases) * 2 * 3  # lengths x videos x temperatures x methods
+    greedy = [r for r in report["rows"] if r["temperature"] == 0]
+    assert all(r["identical_to_ar"] == (2, 2) for r in greedy)  # lossless, per video
+    assert {r["method"] for r in report["rows"]} == {"ar", "sparrow", "eagle"}
+    ar = [r for r in report["rows"] if r["method"] == "ar"]
+    assert all(r["tau"] == 1.0 and r["dsr"] == 1.0 for r in ar)
+    # resume: a rerun runs nothing; a lost cell is run again, alone
+    kept = cells[:-1]
+    (out / CELLS).write_text("".join(json.dumps(c) + "\n" for c in kept))
+    run_bench(target, cases, drafts, out, tree="5-3-2", temperatures=[0.0, 1.0], max_new_tokens=12)
+    again = [json.loads(line) for line in (out / CELLS).read_text().splitlines()]
+    assert len(again) == len(cells) and again[:-1] == kept
+    assert {k: again[-1][k] for k in ("length", "index", "temperature", "method", "token_ids")} == \
+        {k: cells[-1][k] for k in ("length", "index", "temperature", "method", "token_ids")}
+    for name in ("bench.json", "bench.md", "bench.png"):
+        assert (out / name).stat().st_size > 0
+
+
+def test_dsr_is_per_token_decode_time_against_ar_on_the_same_video():
+    def cell(method, index, decode_s, tokens, calls):
+        return {"temperature": 0.0, "length": 500, "index": index, "method": method,
+                "visual_tokens": 500, "tokens": tokens, "target_calls": calls, "prefill_s": 1.0,
+                "decode_s": decode_s, "draft_s": 0.1, "verify_s": 0.2, "token_ids": [1] * tokens,
+                "draft_cache_length": 0}
+
+    cells = [cell("ar", 0, 4.0, 40, 39), cell("ar", 1, 2.0, 10, 9),
+             cell("d", 0, 2.0, 40, 10), cell("d", 1, 0.5, 10, 4)]
+    rows = {r["method"]: r for r in summarize(cells)}
+    assert rows["d"]["dsr"] == pytest.approx(3.0)  # median of 2.0 and 4.0
+    assert rows["d"]["tau"] == pytest.approx(48 / 14)  # the first token is the prefill's
+    assert rows["ar"]["tau"] == 1.0
+    assert rows["d"]["esr"] == pytest.approx((5 / 3 + 3 / 1.5) / 2)
+
+
+@pytest.mark.parametrize("text,expected", [("0.5k,1.5k", [500, 1500]), ("25k", [25000]), ("700", [700])])
+def test_lengths_parse(text, expected):
+    assert parse_lengths(text) == expected
+
+
+def test_bad_lengths_are_refused():
+    with pytest.raises(ConfigError, match="not a length"):
+        parse_lengths("0.5k,lots")
