@@ -93,3 +93,16 @@ def test_bad_prompt_files_name_the_line(tmp_path, line, message):
     with pytest.raises(DataError, match=message) as error:
         read_prompts(path)
     assert "line 2" in str(error.value)
+
+
+def test_draft_vocabulary_is_the_most_frequent_answer_tokens(data_dir):
+    from collections import Counter
+
+    from sparrow.training.data import draft_vocabulary
+
+    samples = load_dataset([data_dir]).samples
+    counts = Counter(t for s in samples for t in s.input_ids[s.loss_mask].tolist())
+    assert draft_vocabulary(samples, 10**6).tolist() == sorted(counts)  # fewer: all of them
+    top = draft_vocabulary(samples, 3).tolist()
+    ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+    assert top == sorted(t for t, _ in ranked[:3])

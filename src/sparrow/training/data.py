@@ -114,12 +114,12 @@ def split(samples: list[Sample], held_out: float, seed: int) -> tuple[list[Sampl
 
 
 def draft_vocabulary(samples: list[Sample], size: int) -> torch.Tensor:
-    """(size,) int64: the `size` most frequent answer tokens of `samples` (ties by id), sorted."""
+    """(n,) int64, sorted: the `size` most frequent answer tokens of `samples` (ties by id),
+    or all of them if the answers use fewer (n < size)."""
     counts = Counter()
     for sample in samples:
         counts.update(sample.input_ids[sample.loss_mask].tolist())
     ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))[:size]
-    if len(ranked) < size:
-        raise DataError(f"--draft-vocab {size}: the data's answers use only {len(ranked)} "
-                        "distinct tokens; pass a smaller size or more data")
+    if len(ranked) < 2:
+        raise DataError("--draft-vocab: the data's answers hold fewer than 2 distinct tokens")
     return torch.tensor(sorted(token for token, _ in ranked), dtype=torch.long)

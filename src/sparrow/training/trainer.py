@@ -210,7 +210,7 @@ def train(target, data: list[str | Path], out: str | Path, config: TrainConfig,
     record = {**config.to_dict(), "data": [str(d) for d in data], "samples": len(train_set),
               "held_out_samples": len(held)}
     draft_config = DraftConfig.for_target(target, config.mode, config.visual, mid_layer,
-                                          config.draft_vocab)
+                                          None if vocab is None else int(vocab.shape[0]))
     draft_config.training = record
     draft = new_draft(draft_config, config.seed)
     if vocab is not None:
@@ -275,6 +275,7 @@ def train(target, data: list[str | Path], out: str | Path, config: TrainConfig,
                "wall_s_this_run": round(time.perf_counter() - started, 1),
                "processes": accelerator.num_processes, "finished": step >= plan.total}
     if vocab is not None:
+        summary["draft_vocab_size"] = int(vocab.shape[0])
         covered = torch.zeros(target.vocab_size, dtype=torch.bool)
         covered[vocab] = True
         answer = torch.cat([s.input_ids[s.loss_mask] for s in held or train_set])
