@@ -109,3 +109,24 @@ def test_text_output_and_stats_line(capsys):
                  "--max-new-tokens", "5"]) == 0
     captured = capsys.readouterr()
     assert "[ar] 5 tokens, tau 1.00" in captured.err
+
+
+@pytest.mark.parametrize("args,message", [
+    (["datagen", "--target", "tiny:qwen2_vl", "--out", "{tmp}/d"], "give --prompts FILE"),
+    (["datagen", "--target", "tiny:qwen2_vl", "--out", "{tmp}/d", "--prompts", "{tmp}/none.jsonl"],
+     "no such file"),
+    (["train", "--target", "tiny:qwen2_vl", "--data", "{tmp}", "--out", "{tmp}/o"], "no manifest.json"),
+    (["train", "--target", "tiny:qwen2_vl", "--data", "{tmp}", "--out", "{tmp}/o", "--visual", "none",
+      "--mode", "eagle"], "runs in --mode sparrow"),
+    (["train", "--target", "tiny:qwen2_vl", "--data", "{tmp}", "--out", "{tmp}/o", "--mtp-weights", "1,x"],
+     "comma-separated"),
+    (["bench", "--target", "tiny:qwen2_vl", "--out", "{tmp}/b", "--lengths", "1k,many"], "not a length"),
+    (["bench", "--target", "tiny:qwen2_vl", "--out", "{tmp}/b"], "give --prompts FILE"),
+    (["generate", "--target", "tiny:qwen2_vl", "--prompt", "hi", "--draft", "reference:nope"],
+     "no such shipped draft"),
+])
+def test_training_and_bench_commands_refuse_bad_input_in_one_line(tmp_path, args, message):
+    result = run_cli(*[a.format(tmp=tmp_path) for a in args])
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

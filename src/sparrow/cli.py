@@ -99,6 +99,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
 
 def _load_models(args: argparse.Namespace):
     """(target, draft or None, method, tree), the flags checked before anything is loaded."""
+    from sparrow import fixture
     from sparrow.draft import load_draft
     from sparrow.speculative.tree import TreeSpec
     from sparrow.targets import load_target
@@ -106,7 +107,9 @@ def _load_models(args: argparse.Namespace):
     method = options.method_of(args)  # None: the draft's own mode
     tree = TreeSpec.parse(args.tree)
     target = load_target(args.target, dtype=options.dtype_of(args), device=args.device)
-    draft = load_draft(args.draft, target, mode=method) if method != "ar" else None
+    draft = None
+    if method != "ar":
+        draft = load_draft(fixture.resolve_draft(args.draft), target, mode=method)
     return target, draft, method or draft.mode, tree
 
 
@@ -216,7 +219,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if any(t < 0 for t in temperatures) or args.videos < 1 or args.max_new_tokens < 1:
         raise ConfigError("--temperatures must be >= 0, --videos and --max-new-tokens >= 1")
     TreeSpec.parse(args.tree)
-    drafts = [d for d in args.drafts.split(",") if d]
+    drafts = [fixture.resolve_draft(d) for d in args.drafts.split(",") if d]
     target = load_target(args.target, dtype=options.dtype_of(args), device=args.device)
     if args.prompts:
         cases = cases_from_prompts(target, read_prompts(args.prompts)[: args.videos], lengths)

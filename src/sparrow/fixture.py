@@ -30,6 +30,16 @@ def load_reference(spec: str, dtype: torch.dtype, device: str | torch.device):
     return target
 
 
+def resolve_draft(spec: str) -> str:
+    """A `--draft` value as a directory: `reference:<name>` is a draft shipped for the
+    reference target (`sparrow.reference.drafts`); anything else is a path already."""
+    if not spec.startswith("reference:"):
+        return spec
+    from sparrow.reference import drafts
+
+    return str(drafts.path(spec.split(":", 1)[1]))
+
+
 def is_reference(name: str) -> bool:
     """Whether a target name (`--target`) is the reference target."""
     return name == "reference" or name.startswith("reference:")

@@ -37,7 +37,8 @@ def add_target(parser: argparse.ArgumentParser) -> None:
 
 
 def add_decoding(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--draft", help="draft checkpoint directory (needed by sparrow/eagle)")
+    parser.add_argument("--draft", help="draft checkpoint directory (needed by sparrow/eagle), or "
+                        "reference:sparrow / reference:eagle (the drafts shipped for the reference target)")
     parser.add_argument("--method", default=None, choices=METHODS,
                         help="decoding method (default: the draft's own mode with --draft, else ar)")
     parser.add_argument("--tree", default=str(DEFAULT_TREE), help=TREE_HELP)
