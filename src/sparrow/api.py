@@ -17,7 +17,7 @@ from sparrow.draft import DraftModel
 from sparrow.options import DEFAULT_MAX_NEW_TOKENS, DEFAULT_NUM_FRAMES
 from sparrow.speculative.generate import GenerationResult, generate
 from sparrow.speculative.sampling import SamplingParams
-from sparrow.speculative.tree import DEFAULT_TREE, TreeSpec
+from sparrow.speculative.tree import DEFAULT_TREE, TreeSpec, parse_tree
 from sparrow.targets import TargetAdapter
 from sparrow.targets.base import PrefixState
 from sparrow.video.io import read_video
@@ -71,7 +71,7 @@ def answer(
     prefilling the part of the prompt it covers: ask several questions, or compare several
     methods, over one prefill of the video."""
     sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
-    tree = TreeSpec.parse(tree) if isinstance(tree, str) else tree
+    tree = parse_tree(tree) if isinstance(tree, str) else tree
     if video is not None and not isinstance(video, VideoInputs):
         video = prepare_video(target, video, num_frames=num_frames, fps=fps)
     input_ids = build_video_prompt(target.tokenizer, target.config, video, question, system=system)

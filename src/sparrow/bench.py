@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from sparrow.errors import ConfigError
 from sparrow.speculative.generate import generate
 from sparrow.speculative.sampling import SamplingParams
-from sparrow.speculative.tree import TreeSpec
+from sparrow.speculative.tree import parse_tree
 
 CELLS = "cells.jsonl"
 
@@ -95,7 +95,7 @@ def run_bench(target, cases: list[Case], drafts: list[str], out: str | Path, *, 
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    spec = TreeSpec.parse(tree)
+    spec = parse_tree(tree)
     methods = _methods(target, drafts)
     done = {_key(r) for r in _load_cells(out)}
     todo = [(c, t, m) for c in cases for t in temperatures for m, _ in methods

@@ -101,11 +101,11 @@ def _load_models(args: argparse.Namespace):
     """(target, draft or None, method, tree), the flags checked before anything is loaded."""
     from sparrow import fixture
     from sparrow.draft import load_draft
-    from sparrow.speculative.tree import TreeSpec
+    from sparrow.speculative.tree import parse_tree
     from sparrow.targets import load_target
 
     method = options.method_of(args)  # None: the draft's own mode
-    tree = TreeSpec.parse(args.tree)
+    tree = parse_tree(args.tree)
     target = load_target(args.target, dtype=options.dtype_of(args), device=args.device)
     draft = None
     if method != "ar":
@@ -207,7 +207,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from sparrow import fixture
     from sparrow.bench import cases_from_prompts, parse_lengths, run_bench
     from sparrow.errors import ConfigError
-    from sparrow.speculative.tree import TreeSpec
+    from sparrow.speculative.tree import parse_tree
     from sparrow.targets import load_target
     from sparrow.training.prompts import read_prompts
 
@@ -218,7 +218,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise ConfigError(f"--temperatures {args.temperatures}: comma-separated numbers") from error
     if any(t < 0 for t in temperatures) or args.videos < 1 or args.max_new_tokens < 1:
         raise ConfigError("--temperatures must be >= 0, --videos and --max-new-tokens >= 1")
-    TreeSpec.parse(args.tree)
+    parse_tree(args.tree)
     drafts = [fixture.resolve_draft(d) for d in args.drafts.split(",") if d]
     target = load_target(args.target, dtype=options.dtype_of(args), device=args.device)
     if args.prompts:

@@ -97,3 +97,19 @@ def test_mtp_feeds_each_pass_the_previous_outputs_shifted():
         expected[0, 2] = batch.features[0, 2]  # not chained: the target's state
         expected[0, 0] = batch.features[0, 0]
         torch.testing.assert_close(seen[j], expected)
+
+
+def test_rank_counts_place_the_targets_token_by_depth():
+    from sparrow.training.objective import rank_counts
+
+    batch = _toy_batch([False, True, True, True, True, False])
+    frozen = Frozen(embedding=torch.eye(4), head=torch.eye(4), full_head=torch.eye(4), vocab=None)
+    counts = rank_counts(_oracle(batch), batch, frozen, depth=3, ranks=2)
+    # chains inside the 4 scored pairs: 4 at depth 1, 3 at depth 2, 2 at depth 3; all rank 0
+    assert counts.tolist() == [[4, 0, 0], [3, 0, 0], [2, 0, 0]]
+    second = lambda *a, **k: batch.labels * 0.5 + batch.labels.roll(1, dims=-1)  # noqa: E731
+    assert rank_counts(second, batch, frozen, depth=1, ranks=2).tolist() == [[0, 4, 0]]
+    # a reduced vocabulary without the target's token: outside (the last column)
+    small = Frozen(embedding=torch.eye(4), head=torch.eye(4)[:1], full_head=torch.eye(4),
+                   vocab=torch.tensor([3]))
+    assert rank_counts(_oracle(batch), batch, small, depth=1, ranks=2).tolist() == [[1, 0, 3]]

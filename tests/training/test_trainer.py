@@ -39,6 +39,9 @@ def test_training_lowers_the_loss_and_writes_a_draft(tiny_target, data_dir, tmp_
     draft = load_draft(tmp_path / "d", tiny_target)
     assert (draft.config.mode, draft.config.visual) == (config.mode, config.visual)
     assert draft.config.training["preset"] == name
+    profile = draft.config.acceptance  # measured after training, for --tree auto
+    assert len(profile) == 8 and all(len(row) == 10 and 0 <= sum(row) <= 1.0001 for row in profile)
+    assert sum(profile[0]) > 0
     assert (tmp_path / "d" / "loss.png").stat().st_size > 0
 
 

@@ -54,6 +54,9 @@ class DraftConfig:
     mid_layer: int | None = None  # m* for `visual` mid: hidden state after m target layers
     draft_vocab_size: int | None = None  # N rows of the target's lm_head, or None for all
     training: dict | None = None  # how it was trained (sparrow.training.config), for the record
+    # acceptance[d][r]: probability that the target's token at depth d + 1 is the draft's
+    # (r + 1)-th choice, measured on held-out data after training (`--tree auto` uses it)
+    acceptance: list[list[float]] | None = None
 
     def __post_init__(self):
         check_mode(self.mode)

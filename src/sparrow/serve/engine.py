@@ -28,7 +28,7 @@ from sparrow.errors import SparrowError
 from sparrow.serve.prefix_cache import PrefixCache
 from sparrow.speculative.generate import generate
 from sparrow.speculative.sampling import SamplingParams
-from sparrow.speculative.tree import DEFAULT_TREE, TreeSpec
+from sparrow.speculative.tree import DEFAULT_TREE, TreeSpec, parse_tree
 from sparrow.targets import TargetAdapter
 from sparrow.video.processing import VideoInputs
 
@@ -76,7 +76,7 @@ class Engine:
     ):
         self.target, self.draft, self.method = target, draft, method
         self.prefix_cache = prefix_cache
-        self.tree = TreeSpec.parse(tree) if isinstance(tree, str) else tree
+        self.tree = parse_tree(tree) if isinstance(tree, str) else tree
         self.generate_fn = generate_fn
         self.stats = EngineStats()
         self._queue: queue.Queue[GenerationJob | None] = queue.Queue(maxsize=max_queue)

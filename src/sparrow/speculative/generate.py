@@ -18,12 +18,13 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from sparrow.draft import DraftModel
-from sparrow.draft.modes import MODES
+from sparrow.draft.modes import MODES, visual_layer
 from sparrow.errors import ConfigError
 from sparrow.speculative.accept import Acceptance, accept_greedy, accept_sampled
+from sparrow.speculative.autotree import FALLBACK, MAX_TOTAL, choose_tree, costs_for
 from sparrow.speculative.proposers import DraftProposer, NoDraftProposer
 from sparrow.speculative.sampling import GREEDY, SamplingParams
-from sparrow.speculative.tree import DEFAULT_TREE, Tree, TreeSpec
+from sparrow.speculative.tree import AUTO, DEFAULT_TREE, Tree, TreeSpec
 from sparrow.targets.base import StepOutput, TargetAdapter
 
 METHODS = ("ar", *MODES)  # plain decoding, then one method per draft mode
@@ -49,6 +50,7 @@ class GenerationResult:
     finish_reason: str  # "eos", "length", or "stopped" (by the on_tokens callback)
     timings: Timings = field(default_factory=Timings)
     draft_cache_length: int | None = None  # draft KV positions at the end (None for ar)
+    tree: str = ""  # the tree drafted (what `auto` chose)
 
     @property
     def tau(self) -> float:
@@ -80,6 +82,12 @@ def _proposer(method: str, draft: DraftModel | None, target: TargetAdapter, tree
         raise ConfigError(f"--method {method} needs a draft: pass --draft DIR")
     # The checkpoint is the same in both modes; the method decides how it is run.
     return DraftProposer(draft, target, tree, mode=method)
+
+
+def draft_layers(method: str, draft: DraftModel) -> tuple[int, ...]:
+    """Target layers the prefill must capture for `draft` run as `method`."""
+    layer = visual_layer(method, draft.config.visual, draft.config.mid_layer)
+    return () if layer is None else (layer,)
 
 
 def _emit(new_tokens: list[int], emitted: list[int], eos: set[int], max_new_tokens: int) -> str:
@@ -152,7 +160,9 @@ def generate(
     `proposer` overrides the method's proposer (anything with start/propose/commit,
     `cache_length` and `prefill_layers`, see proposers.py): the extension point for other drafting strategies.
     The caches are sized for trees of `tree`'s total_tokens; pass a `tree` that covers a
-    custom proposer's largest tree (a tree that does not fit is a ConfigError).
+    custom proposer's largest tree (a tree that does not fit is a ConfigError). `tree="auto"`
+    picks the tree after the prefill, from costs measured on this machine at this length and
+    the draft's acceptance profile (`sparrow.speculative.autotree`).
     `on_tokens(list[int])` is called with the tokens each target call emits, as they come
     (streaming); returning True from it stops generation (finish_reason "stopped").
     `prefix` (a PrefixState from `target.snapshot()`) skips prefilling the part of the prompt
@@ -162,9 +172,15 @@ def generate(
         raise ConfigError(f"--method {method!r}: choose one of {', '.join(METHODS)}")
     if max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens {max_new_tokens}: must be >= 1")
-    tree = TreeSpec.parse(tree) if isinstance(tree, str) else tree
-    if proposer is None:
-        proposer = _proposer(method, draft, target, tree)
+    auto = tree == AUTO
+    tree = TreeSpec.parse(tree) if isinstance(tree, str) and not auto else tree
+    capacity_tree = TreeSpec(MAX_TOTAL, 1, MAX_TOTAL) if auto else tree  # room for any choice
+    if proposer is not None:
+        layers = proposer.prefill_layers
+    elif method != "ar" and draft is not None:
+        layers = draft_layers(method, draft)
+    else:
+        layers = ()
     eos = set(target.eos_token_ids if eos_token_ids is None else eos_token_ids)
     generator = None
     if not sampling.greedy:
@@ -174,11 +190,15 @@ def generate(
     clock = _Clock(target.device)
     timings = Timings()
     t0 = clock.now()
-    layers = proposer.prefill_layers  # a draft reading target layers at visual positions
-    prefill = target.prefill(
-        input_ids, video, capacity=max_new_tokens + tree.total_tokens + 1, layers=layers,
+    prefill = target.prefill(  # `layers`: a draft that reads target layers at visual positions
+        input_ids, video, capacity=max_new_tokens + capacity_tree.total_tokens + 1, layers=layers,
         prefix=None if layers else prefix,  # those states need the full prefill
     )
+    if auto:  # measured costs at this length, the draft's acceptance profile
+        tree = FALLBACK if method == "ar" or draft is None else choose_tree(
+            draft.config.acceptance, costs_for(target, draft, target.cache_length))[0]
+    if proposer is None:
+        proposer = _proposer(method, draft, target, tree)
     first = _pick(prefill.logits, sampling, generator)
     timings.prefill_s = clock.now() - t0
 
@@ -189,7 +209,7 @@ def generate(
     t_decode = clock.now()
     if not finish:
         t = clock.now()
-        proposer.start(prefill, first, capacity=max_new_tokens + tree.total_tokens)
+        proposer.start(prefill, first, capacity=max_new_tokens + capacity_tree.total_tokens)
         timings.draft_s += clock.now() - t
     root = first
     while not finish:
@@ -197,7 +217,7 @@ def generate(
         candidates = proposer.propose(root)
         t_verify = clock.now()
         timings.draft_s += t_verify - t
-        out, decision, path = _verify(target, candidates, tree, sampling, generator)
+        out, decision, path = _verify(target, candidates, capacity_tree, sampling, generator)
         timings.verify_s += clock.now() - t_verify
         new_tokens = candidates.tokens[path[1:]].tolist() + [decision.bonus]
         before = len(emitted)
@@ -222,4 +242,5 @@ def generate(
         finish_reason=finish,
         timings=timings,
         draft_cache_length=proposer.cache_length,
+        tree=str(tree),
     )

@@ -62,6 +62,12 @@ class TreeSpec:
 
 
 DEFAULT_TREE = TreeSpec()  # 30-4-8, the paper's LLaVA-OneVision setting
+AUTO = "auto"  # `--tree auto`: chosen per request by `sparrow.speculative.autotree`
+
+
+def parse_tree(text: str) -> TreeSpec | str:
+    """A `--tree` value: a TreeSpec, or AUTO."""
+    return AUTO if str(text).strip() == AUTO else TreeSpec.parse(text)
 
 
 @dataclass

@@ -164,3 +164,31 @@ def chain_acceptance(draft, batch: Batch, frozen: Frozen, depth: int) -> tuple[f
         alive = alive & shifted
         accepted += alive.long()
     return float(accepted[scored].sum()), int(scored.sum())
+
+
+@torch.no_grad()
+def rank_counts(draft, batch: Batch, frozen: Frozen, depth: int, ranks: int) -> torch.Tensor:
+    """(depth, ranks + 1) counts: at chain depth j + 1 (pass j + 1 at pairs whose chain, started
+    j pairs earlier, lies inside the scored answer), how often the target's token is the
+    draft's (r + 1)-th choice (last column: lower than `ranks`, or outside its vocabulary)."""
+    scored = batch.scored
+    target_top = torch.full(scored.shape, -1, dtype=torch.long)
+    target_top[scored] = (batch.labels[scored] @ frozen.full_head.T).argmax(-1)
+    run = torch.zeros(scored.shape, dtype=torch.long)  # scored pairs in a row, ending here
+    for i in range(scored.shape[1]):
+        run[:, i] = torch.where(scored[:, i], (run[:, i - 1] if i else 0) + 1, 0)
+    lookup = None
+    if frozen.vocab is not None:  # row of each target token in the draft's head, or -1
+        lookup = torch.full((int(frozen.full_head.shape[0]),), -1, dtype=torch.long)
+        lookup[frozen.vocab] = torch.arange(frozen.vocab.shape[0])
+    counts = torch.zeros(depth, ranks + 1)
+    for j, out in enumerate(_unroll(draft, batch, frozen, depth, None)):
+        valid = run > j
+        logits = out[valid] @ frozen.head.T  # (m, N)
+        wanted = target_top[valid] if lookup is None else lookup[target_top[valid]]
+        known = wanted >= 0
+        rank = torch.full(wanted.shape, ranks, dtype=torch.long)
+        own = logits[known].gather(1, wanted[known, None])
+        rank[known] = (logits[known] > own).sum(-1).clamp(max=ranks)
+        counts[j] += torch.bincount(rank, minlength=ranks + 1).float()
+    return counts

@@ -33,7 +33,7 @@ from sparrow.errors import ConfigError, DataError
 from sparrow.training.config import TrainConfig
 from sparrow.training.data import Sample, draft_vocabulary, load_dataset, split
 from sparrow.training.datagen import target_fingerprint
-from sparrow.training.objective import Frozen, chain_acceptance, losses, make_batch
+from sparrow.training.objective import Frozen, chain_acceptance, losses, make_batch, rank_counts
 
 CHECKPOINT = "checkpoint"
 LOG = "log.jsonl"
@@ -121,6 +121,20 @@ def _evaluate(model, held: list[Sample], frozen: Frozen, config: TrainConfig, ac
         accepted += torch.tensor([a, n])
     accepted = accelerator.reduce(accepted.to(accelerator.device), "sum").cpu()
     return 1.0 + float(accepted[0]) / max(1.0, float(accepted[1]))
+
+
+PROFILE_DEPTH, PROFILE_RANKS = 8, 10
+
+
+def acceptance_profile(draft, samples: list[Sample], frozen: Frozen, config: TrainConfig,
+                       device) -> list[list[float]]:
+    """p[d][r] over `samples` (see DraftConfig.acceptance; `objective.rank_counts`)."""
+    counts = torch.zeros(PROFILE_DEPTH, PROFILE_RANKS + 1)
+    for start in range(0, len(samples), config.batch_size):
+        batch = _to(make_batch(samples[start:start + config.batch_size], config.visual), device)
+        counts += rank_counts(draft, batch, frozen, PROFILE_DEPTH, PROFILE_RANKS).cpu()
+    totals = counts.sum(-1, keepdim=True).clamp(min=1)
+    return [[round(float(v), 4) for v in row[:-1]] for row in counts / totals]
 
 
 def _to(batch, device):
@@ -282,6 +296,10 @@ def train(target, data: list[str | Path], out: str | Path, config: TrainConfig,
         summary["draft_vocab_coverage"] = float(covered[answer].float().mean())
     if main:
         draft = accelerator.unwrap_model(model)
+        if step >= plan.total:  # measured once, on what it was not trained on
+            draft.eval()
+            draft.config.acceptance = acceptance_profile(draft, held or train_set[:64], frozen,
+                                                         config, accelerator.device)
         save_draft(draft, out)
         summary["held_out_tau"] = _last_tau(out)
         summary["config"] = config.to_dict()
