@@ -62,6 +62,7 @@ def add_commands(sub) -> dict[str, Callable[[argparse.Namespace], int]]:
         ("stage1-epochs", float, "epochs over the text-only samples first (stage 1)"),
         ("batch-size", int, "global batch (split over processes)"),
         ("held-out", float, "fraction of samples held out for the held-out tau"),
+        ("max-samples", int, "train on the first N training samples (data-size studies)"),
         ("eval-every", int, "steps between held-out tau evaluations"),
         ("checkpoint-every", int, "steps between checkpoints"),
         ("init", str, "random | target (start from the target's last layer)"),
@@ -114,7 +115,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         except ValueError as error:
             raise ConfigError(f"--mtp-weights {args.mtp_weights}: comma-separated numbers") from error
     names = ("visual", "mode", "mid_layer", "mtp", "feature_weight", "noise", "draft_vocab", "lr",
-             "warmup", "epochs", "stage1_epochs", "batch_size", "held_out", "eval_every",
+             "warmup", "epochs", "stage1_epochs", "batch_size", "held_out", "max_samples", "eval_every",
              "checkpoint_every", "init", "seed")
     config = preset(args.preset, mtp_weights=weights, **{n: getattr(args, n) for n in names})
     target = load_target(args.target, dtype=options.dtype_of(args), device=args.device)

@@ -53,6 +53,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     seed: int = 0
     held_out: float = 0.05  # fraction of samples kept out of training for held-out tau
+    max_samples: int | None = None  # train on the first N training samples (data-size studies)
     eval_depth: int = 5  # chain depth of the held-out tau
     eval_every: int = 50  # steps
     checkpoint_every: int = 50  # steps
@@ -74,6 +75,8 @@ class TrainConfig:
             raise ConfigError(f"--draft-vocab {self.draft_vocab}: at least 2 tokens")
         if self.init not in ("random", "target"):
             raise ConfigError(f"--init {self.init!r}: random or target")
+        if self.max_samples is not None and self.max_samples < 1:
+            raise ConfigError(f"--max-samples {self.max_samples}: at least 1")
         if not 0 <= self.held_out < 1:
             raise ConfigError(f"--held-out {self.held_out}: a fraction in [0, 1)")
 

@@ -216,6 +216,7 @@ def train(target, data: list[str | Path], out: str | Path, config: TrainConfig,
         raise DataError(f"--mid-layer {mid_layer}: the data holds layer {dataset.mid_layer}'s states; "
                         f"regenerate it with `sparrow datagen --mid-layer {mid_layer}`")
     train_set, held = split(dataset.samples, config.held_out, config.seed)
+    train_set = train_set[:config.max_samples]  # the same held-out set whatever the size
     if len(train_set) < accelerator.num_processes or config.batch_size < accelerator.num_processes:
         raise ConfigError(f"{accelerator.num_processes} processes need --batch-size and the "
                           f"training samples ({len(train_set)}) to be at least that many")
