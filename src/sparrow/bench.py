@@ -29,6 +29,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from sparrow.errors import ConfigError
+from sparrow.machine import describe_device
 from sparrow.speculative.generate import generate
 from sparrow.speculative.sampling import SamplingParams
 from sparrow.speculative.tree import parse_tree
@@ -88,7 +89,8 @@ def _methods(target, drafts: list[str]) -> list[tuple[str, object]]:
 
 
 def run_bench(target, cases: list[Case], drafts: list[str], out: str | Path, *, tree: str,
-              temperatures: list[float], max_new_tokens: int, seed: int = 0) -> dict:
+              temperatures: list[float], max_new_tokens: int, seed: int = 0,
+              command: str | None = None) -> dict:
     """Run every missing cell into `out`/cells.jsonl; returns the report (and writes it)."""
     from sparrow.api import prepare_video
     from sparrow.video.prompt import build_video_prompt
@@ -137,7 +139,8 @@ def run_bench(target, cases: list[Case], drafts: list[str], out: str | Path, *, 
             bar.update(1)
             bar.set_postfix(length=case.length, method=name, tau=f"{result.tau:.2f}")
     bar.close()
-    return write_report(out, tree=tree, target_name=target.name)
+    return write_report(out, tree=tree, target_name=target.name, command=command,
+                        max_new_tokens=max_new_tokens)
 
 
 def summarize(cells: list[dict]) -> list[dict]:
@@ -183,14 +186,17 @@ def write_report(out: Path, **context) -> dict:
     rows = summarize(cells)
     report = {**context, "machine": machine_info(), "rows": rows}
     (out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "bench.md").write_text(markdown(rows, context))
+    (out / "bench.md").write_text(markdown(rows, report))
     if rows:
         plot(rows, out / "bench.png")
     return report
 
 
 def markdown(rows: list[dict], context: dict) -> str:
-    lines = [f"target {context.get('target_name')}, tree {context.get('tree')}", "",
+    lines = [f"target {context.get('target_name')}, tree {context.get('tree')}, "
+             f"{context.get('max_new_tokens')} new tokens at most; command: `{context.get('command')}`",
+             "" if "machine" not in context else
+             f"{describe_device(context['machine'])}, {context['machine']['date']}", "",
              "| T | visual tokens | method | tau | DSR | ESR | draft ms/call | verify ms/call | "
              "calls/video | identical to AR | videos |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]

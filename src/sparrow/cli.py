@@ -229,7 +229,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise ConfigError(f"--target {args.target}: give --prompts FILE (JSON Lines of questions "
                           "and videos); only the reference target has built-in evaluation videos")
     report = run_bench(target, cases, drafts, args.out, tree=args.tree, temperatures=temperatures,
-                       max_new_tokens=args.max_new_tokens)
+                       max_new_tokens=args.max_new_tokens, command="sparrow " + " ".join(sys.argv[1:]))
     from sparrow.bench import markdown
 
     print(markdown(report["rows"], report))

@@ -20,10 +20,20 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_vector_isa() -> str:
+    """'AVX-512' or 'AVX2' (what the native attention kernels need, or fall back without)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown"
+    return "AVX-512" if " avx512f" in flags else ("AVX2" if " avx2" in flags else "no AVX2")
+
+
 def machine_info(device: str | torch.device = "cpu") -> dict:
     device = str(device)
     info = {
         "cpu": cpu_name(),
+        "cpu_isa": cpu_vector_isa(),
         "logical_cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
@@ -47,4 +57,5 @@ def describe_device(info: dict) -> str:
     """One line: 'NVIDIA H100 ...' or 'AMD EPYC CPU, 2 threads'."""
     if "gpu" in info:
         return info["gpu"]
-    return f"{info['cpu']} CPU, {info['torch_threads']} threads"
+    isa = f", {info['cpu_isa']}" if info.get("cpu_isa") else ""
+    return f"{info['cpu']} CPU{isa}, {info['torch_threads']} threads"
