@@ -133,7 +133,8 @@ def run_bench(target, cases: list[Case], drafts: list[str], out: str | Path, *, 
                       "tokens": len(result.token_ids), "target_calls": result.target_calls,
                       "tau": result.tau, "prefill_s": prefill_s, "decode_s": t.decode_s,
                       "draft_s": t.draft_s, "verify_s": t.verify_s,
-                      "draft_cache_length": result.draft_cache_length, "token_ids": result.token_ids}
+                      "draft_cache_length": result.draft_cache_length, "tree": result.tree,
+                      "token_ids": result.token_ids}
             with open(out / CELLS, "a") as f:
                 f.write(json.dumps(record) + "\n")
             bar.update(1)

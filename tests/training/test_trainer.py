@@ -106,3 +106,14 @@ def test_data_of_another_target_is_refused(data_dir, tmp_path):
 
     with pytest.raises(DataError, match="made by target"):
         train(load_target("tiny:qwen2_vl"), [data_dir], tmp_path / "d", preset("sparrow", **CONFIG))
+
+
+def test_init_from_the_target_copies_its_last_layer(tiny_target, data_dir, tmp_path):
+    config = preset("sparrow", **{**CONFIG, "epochs": 0.0, "stage1_epochs": 0.0}, init="target")
+    train(tiny_target, [data_dir], tmp_path / "d", config, progress=False)
+    weights = _weights(tmp_path / "d")
+    source = tiny_target.model.model.language_model.layers[-1].state_dict()
+    copied = [k for k in source if f"layer.{k}" in weights]
+    assert "mlp.down_proj.weight" in copied
+    for key in copied:
+        assert torch.equal(weights[f"layer.{key}"], source[key].float()), key

@@ -92,8 +92,7 @@ def _frozen(target, vocab: torch.Tensor | None, device) -> Frozen:
 def _init_from_target(draft, target) -> None:
     """Start the draft's decoder layer from the target's last one (same shapes; its input norm
     is not used by the draft)."""
-    source = target.model.get_decoder().layers[-1].state_dict() if hasattr(
-        target.model.get_decoder(), "layers") else target.model.model.language_model.layers[-1].state_dict()
+    source = target.model.model.language_model.layers[-1].state_dict()
     own = draft.layer.state_dict()
     copied = {k: v for k, v in source.items() if k in own and own[k].shape == v.shape}
     if not copied:
@@ -309,8 +308,13 @@ def train(target, data: list[str | Path], out: str | Path, config: TrainConfig,
     return summary
 
 
+def _records(out: Path) -> list[dict]:
+    path = out / LOG
+    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.is_file() else []
+
+
 def _last_tau(out: Path) -> float | None:
-    records = [json.loads(line) for line in (out / LOG).read_text().splitlines() if line]
+    records = _records(out)
     taus = [r["held_out_tau"] for r in records if "held_out_tau" in r]
     return taus[-1] if taus else None
 
@@ -322,7 +326,7 @@ def plot_log(out: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = [json.loads(line) for line in (out / LOG).read_text().splitlines() if line]
+    records = _records(out)
     steps = [r for r in records if "loss" in r]
     evals = [r for r in records if "held_out_tau" in r]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
