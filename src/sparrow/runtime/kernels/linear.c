@@ -62,5 +62,70 @@ void linear_row(const float *x, const float *w, int64_t row, const float *b, flo
     }
 }
 
+/* y = x W^T + b for a few input rows at once (a tree verify's, a draft level's): the weights
+ * are still one stream, read once for all rows. Each work item is a block of ROWS_OUT output
+ * rows (in cache after their first pass) and takes the input rows ROWS_IN at a time:
+ * ROWS_OUT x ROWS_IN accumulators, one weight load feeding ROWS_IN FMAs. x: m rows of `in`
+ * floats, `xrow` apart; y: m rows of `out` floats. Each output is one vector accumulator
+ * reduced at the end, as in linear_row (the final reduction differs in order). */
+#if SPARROW_VECTORIZED
+#define ROWS_OUT 4
+#define ROWS_IN (VECTOR == 16 ? 6 : 3)
+
+static void rows_block(const float *x, int64_t xrow, const float *w, int64_t row, const float *b,
+                       float *y, int64_t out, int64_t in, int64_t o0, int no, int64_t m0, int nm) {
+    vec acc[ROWS_OUT][ROWS_IN];
+    for (int r = 0; r < ROWS_OUT; r++)
+        for (int k = 0; k < ROWS_IN; k++) acc[r][k] = vzero();
+    int64_t i = 0;
+    if (no == ROWS_OUT && nm == ROWS_IN) {  /* the full block: fixed trip counts, all in registers */
+        for (; i + VECTOR <= in; i += VECTOR) {
+            vec xv[ROWS_IN];
+            for (int k = 0; k < ROWS_IN; k++) xv[k] = vload(x + (m0 + k) * xrow + i);
+            for (int r = 0; r < ROWS_OUT; r++) {
+                vec wv = vload(w + (o0 + r) * row + i);
+                for (int k = 0; k < ROWS_IN; k++) acc[r][k] = vfmadd(wv, xv[k], acc[r][k]);
+            }
+        }
+    } else {
+        for (; i + VECTOR <= in; i += VECTOR) {
+            vec xv[ROWS_IN];
+            for (int k = 0; k < nm; k++) xv[k] = vload(x + (m0 + k) * xrow + i);
+            for (int r = 0; r < no; r++) {
+                vec wv = vload(w + (o0 + r) * row + i);
+                for (int k = 0; k < nm; k++) acc[r][k] = vfmadd(wv, xv[k], acc[r][k]);
+            }
+        }
+    }
+    if (i < in) {  /* the last in % VECTOR columns, masked */
+        vmask tail = vtail((int)(in - i));
+        for (int r = 0; r < no; r++) {
+            vec wv = vload_masked(tail, w + (o0 + r) * row + i);
+            for (int k = 0; k < nm; k++)
+                acc[r][k] = vfmadd(wv, vload_masked(tail, x + (m0 + k) * xrow + i), acc[r][k]);
+        }
+    }
+    for (int r = 0; r < no; r++)
+        for (int k = 0; k < nm; k++)
+            y[(m0 + k) * out + o0 + r] = vsum(acc[r][k]) + (b ? b[o0 + r] : 0.0f);
+}
+#endif
+
+void linear_rows(const float *x, int64_t xrow, const float *w, int64_t row, const float *b,
+                 float *y, int64_t m, int64_t out, int64_t in, int threads) {
+#if SPARROW_VECTORIZED
+    int64_t blocks = (out + ROWS_OUT - 1) / ROWS_OUT;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t block = 0; block < blocks; block++) {
+        int64_t o0 = block * ROWS_OUT;
+        int no = (int)(out - o0 < ROWS_OUT ? out - o0 : ROWS_OUT);
+        for (int64_t m0 = 0; m0 < m; m0 += ROWS_IN)
+            rows_block(x, xrow, w, row, b, y, out, in, o0, no, m0, (int)(m - m0 < ROWS_IN ? m - m0 : ROWS_IN));
+    }
+#else
+    (void)x; (void)xrow; (void)w; (void)row; (void)b; (void)y; (void)m; (void)out; (void)in; (void)threads;
+#endif
+}
+
 /* 1 when linear_row has its vector pass (else callers keep torch's kernels). */
 int linear_row_available(void) { return SPARROW_VECTORIZED; }
