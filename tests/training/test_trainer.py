@@ -117,3 +117,21 @@ def test_init_from_the_target_copies_its_last_layer(tiny_target, data_dir, tmp_p
     assert "mlp.down_proj.weight" in copied
     for key in copied:
         assert torch.equal(weights[f"layer.{key}"], source[key].float()), key
+
+
+def test_a_trained_draft_ships_in_fp16(tiny_target, data_dir, tmp_path):
+    """How the reference target's drafts are shipped: read as saved, written in fp16, loaded
+    back as the fp16 values."""
+    from safetensors import safe_open
+
+    from sparrow.draft.checkpoint import read_draft, save_draft
+
+    train(tiny_target, [data_dir], tmp_path / "d", preset("eagle", **CONFIG), progress=False)
+    save_draft(read_draft(tmp_path / "d"), tmp_path / "fp16", dtype=torch.float16)
+    with safe_open(str(tmp_path / "fp16" / "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
+    full, half = _weights(tmp_path / "d"), load_draft(tmp_path / "fp16", tiny_target).state_dict()
+    for key, value in full.items():
+        assert torch.equal(half[key], value.half().float()), key
+    assert json.loads((tmp_path / "fp16" / "config.json").read_text()) == \
+        json.loads((tmp_path / "d" / "config.json").read_text())

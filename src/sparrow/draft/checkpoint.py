@@ -87,8 +87,9 @@ def check_compatible(config: DraftConfig, target, source: str = "draft") -> None
         )
 
 
-def load_draft(directory: str | Path, target, mode: str | None = None) -> DraftModel:
-    """Load a draft checkpoint directory for `target`; `mode` overrides the saved mode."""
+def read_draft(directory: str | Path, mode: str | None = None, target=None) -> DraftModel:
+    """The draft checkpoint in `directory` as saved (fp32 on the CPU, not packed), checked
+    against `target` when given; `mode` overrides the saved mode."""
     from safetensors.torch import load_file
 
     directory = Path(directory)
@@ -104,7 +105,8 @@ def load_draft(directory: str | Path, target, mode: str | None = None) -> DraftM
         config = DraftConfig(**{k: v for k, v in raw.items() if k in known})
     except (json.JSONDecodeError, TypeError) as error:
         raise CheckpointError(f"--draft {directory}: malformed {CONFIG_FILE} ({error})") from error
-    check_compatible(config, target, source=str(directory))
+    if target is not None:
+        check_compatible(config, target, source=str(directory))
     if mode is not None:
         config.mode = mode
     try:
@@ -117,4 +119,10 @@ def load_draft(directory: str | Path, target, mode: str | None = None) -> DraftM
         draft.load_state_dict(state, strict=True)  # casts fp16 files to fp32
     except Exception as error:  # safetensors raises several types for a damaged file
         raise CheckpointError(f"--draft {directory}: cannot load weights ({error})") from error
-    return _for_inference(draft, target)
+    return draft
+
+
+def load_draft(directory: str | Path, target, mode: str | None = None) -> DraftModel:
+    """Load a draft checkpoint directory for `target`, ready to decode; `mode` overrides the
+    saved mode."""
+    return _for_inference(read_draft(directory, mode, target), target)
