@@ -61,24 +61,6 @@ def test_native_row_kernel_equals_f_linear(out_features, in_features, bias):
     assert (out.double() - exact).abs().max() <= 2 * torch_error + 1e-6  # as exact as torch's kernels
 
 
-@pytest.mark.parametrize(("out_features", "in_features"), [(768, 768), (37, 53), (5, 19), (1, 1)])
-@pytest.mark.parametrize("rows", [2, 3, 4, 7, 13])
-def test_native_rows_kernel_equals_f_linear(out_features, in_features, rows):
-    """A few rows at once (a tree verify, a draft level): every full and partial block of
-    output and input rows, masked column tails, a strided weight."""
-    if not native.available("linear_row"):
-        pytest.skip("no C compiler or neither AVX-512 nor AVX2: torch's kernels are used")
-    g = torch.Generator().manual_seed(out_features * rows + in_features)
-    weight = torch.randn(out_features, in_features + 3, generator=g)[:, :in_features]
-    b = torch.randn(out_features, generator=g)
-    x = torch.randn(rows, in_features, generator=g)
-    out = native.linear_rows(x, weight, b)
-    exact = F.linear(x.double(), weight.double(), b.double())
-    torch.testing.assert_close(out.double(), exact, rtol=1e-4, atol=1e-4)
-    torch_error = (F.linear(x, weight, b).double() - exact).abs().max()
-    assert (out.double() - exact).abs().max() <= 2 * torch_error + 1e-6  # as exact as torch's kernels
-
-
 def test_native_row_kernel_declines_what_it_does_not_handle():
     weight, x = torch.randn(8, 16), torch.randn(1, 16)
     assert native.linear(torch.randn(2, 16), weight, None) is None  # two rows

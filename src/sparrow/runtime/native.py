@@ -108,8 +108,6 @@ def library() -> ctypes.CDLL | None:
     lib.linear_row.argtypes = [ptr, ptr, i64, ptr, ptr, i64, i64, ctypes.c_int]
     lib.linear_row.restype = None
     lib.linear_row_available.restype = ctypes.c_int
-    lib.linear_rows.argtypes = [ptr, i64, ptr, i64, ptr, ptr, i64, i64, i64, ctypes.c_int]
-    lib.linear_rows.restype = None
     # asked once here: `available` runs on every kernel call (each linear of a decode step)
     lib.sparrow_available = frozenset(
         kernel for kernel in KERNEL_NAMES if getattr(lib, f"{kernel}_available")())
@@ -216,27 +214,4 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
     _call("linear", library().linear_row, (x.data_ptr(), weight.data_ptr(), weight.stride(0),
                                      None if bias is None else bias.data_ptr(), y.data_ptr(),
                                      out_features, in_features, torch.get_num_threads()))
-    return y
-
-
-def linear_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
-    """`F.linear(x, weight, bias)` for x of a few rows ((..., in), rows contiguous), the weights
-    read once for all of them (`kernels/linear.c`, linear_rows); None where it does not apply
-    (as `linear`)."""
-    out_features, in_features = weight.shape
-    if (x.shape[-1] != in_features or x.device.type != "cpu" or weight.device.type != "cpu"
-            or x.dtype != torch.float32 or weight.dtype != torch.float32 or weight.stride(1) != 1
-            or not x.is_contiguous()
-            or bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous())
-            or torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
-                                            or bias is not None and bias.requires_grad)):
-        return None
-    if not available("linear_row"):
-        return None
-    rows = x.numel() // in_features
-    y = torch.empty(*x.shape[:-1], out_features, dtype=torch.float32)
-    _call("linear_rows", library().linear_rows, (x.data_ptr(), in_features, weight.data_ptr(),
-                                               weight.stride(0), None if bias is None else bias.data_ptr(),
-                                               y.data_ptr(), rows, out_features, in_features,
-                                               torch.get_num_threads()))
     return y
