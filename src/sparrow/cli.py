@@ -86,7 +86,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     bench.add_argument("--prompts", help="JSON Lines of questions and videos (targets other than "
                        "the reference)")
     bench.add_argument("--temperatures", default="0", help="comma-separated (default 0)")
-    bench.add_argument("--tree", default=str(options.DEFAULT_TREE), help=options.TREE_HELP)
+    bench.add_argument("--tree", default="auto", help=options.TREE_HELP)
     bench.add_argument("--max-new-tokens", type=int, default=128, help="answer length limit (default 128)")
     bench.add_argument("--out", required=True, help="results directory (resumed if it holds cells)")
 

@@ -13,12 +13,12 @@ import os
 from sparrow.errors import ConfigError, SparrowError
 from sparrow.speculative.generate import DEFAULT_MAX_NEW_TOKENS, METHODS
 from sparrow.speculative.sampling import GREEDY, SamplingParams
-from sparrow.speculative.tree import DEFAULT_TREE
 
 # METHODS, DEFAULT_MAX_NEW_TOKENS and DEFAULT_TREE are the decoding loop's own, re-exported here.
 DEFAULT_NUM_FRAMES = 8  # frames sampled uniformly when neither a count nor an fps is given
 DTYPES = ("float32", "bfloat16", "float16")
-TREE_HELP = f"draft tree total_tokens-depth-top_k (default {DEFAULT_TREE})"
+TREE_HELP = ("draft tree total_tokens-depth-top_k, e.g. 30-4-8, or auto (default): the fastest tree for "
+             "the draft at the request's length, from costs measured on this machine")
 
 
 def add_target(parser: argparse.ArgumentParser) -> None:
@@ -41,7 +41,7 @@ def add_decoding(parser: argparse.ArgumentParser) -> None:
                         "reference:sparrow / reference:eagle (the drafts shipped for the reference target)")
     parser.add_argument("--method", default=None, choices=METHODS,
                         help="decoding method (default: the draft's own mode with --draft, else ar)")
-    parser.add_argument("--tree", default=str(DEFAULT_TREE), help=TREE_HELP)
+    parser.add_argument("--tree", default="auto", help=TREE_HELP)
 
 
 def add_video(parser: argparse.ArgumentParser) -> None:

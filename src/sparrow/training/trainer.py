@@ -302,6 +302,8 @@ def train(target, data: list[str | Path], out: str | Path, config: TrainConfig,
                                                          config, accelerator.device)
         save_draft(draft, out)
         summary["held_out_tau"] = _last_tau(out)
+        summary["held_out_curve"] = [[r["step"], r["tokens"], round(r["held_out_tau"], 4)]
+                                     for r in _records(out) if "held_out_tau" in r]
         summary["config"] = config.to_dict()
         (out / "train.json").write_text(json.dumps(summary, indent=2) + "\n")
         plot_log(out)
