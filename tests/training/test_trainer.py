@@ -129,9 +129,9 @@ def test_a_trained_draft_ships_in_fp16(tiny_target, data_dir, tmp_path):
     train(tiny_target, [data_dir], tmp_path / "d", preset("eagle", **CONFIG), progress=False)
     save_draft(read_draft(tmp_path / "d"), tmp_path / "fp16", dtype=torch.float16)
     with safe_open(str(tmp_path / "fp16" / "model.safetensors"), "pt") as f:
-        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
+        assert {f.get_tensor(k).dtype for k in f.keys() if k != "vocab"} == {torch.float16}
     full, half = _weights(tmp_path / "d"), load_draft(tmp_path / "fp16", tiny_target).state_dict()
-    for key, value in full.items():
-        assert torch.equal(half[key], value.half().float()), key
+    for key, value in full.items():  # floats as their fp16 values; the vocabulary's ids as they are
+        assert torch.equal(half[key], value.half().float() if value.is_floating_point() else value), key
     assert json.loads((tmp_path / "fp16" / "config.json").read_text()) == \
         json.loads((tmp_path / "d" / "config.json").read_text())

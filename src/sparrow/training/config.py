@@ -42,7 +42,7 @@ class TrainConfig:
     mtp_weights: tuple[float, ...] | None = None  # per pass; None: 1.0 each (losses summed)
     feature_weight: float = 0.0  # SmoothL1 between the draft's outputs and the target's states
     noise: float = 0.05  # uniform noise U(-noise, noise) on the target states fed in
-    draft_vocab: int | None = None  # N most frequent answer tokens (None: the whole vocabulary)
+    draft_vocab: int | None = 32768  # N most frequent answer tokens (None: the whole vocabulary)
     lr: float = 5e-4
     warmup: float = 0.05  # fraction of the steps with a linear warm-up, then linear decay
     epochs: float = 4.0  # over all the data (stage 2)
