@@ -87,7 +87,8 @@ def test_two_processes_train_the_weights_of_one(data_dir, tmp_path):
     assert json.loads(outs[0][0].splitlines()[-1])["processes"] == 2
     a, b = _weights(tmp_path / "one"), _weights(tmp_path / "two")
     for key in a:
-        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4)
+        # equal up to float summation order (Adam divides by small second moments: atol 1e-4)
+        torch.testing.assert_close(a[key], b[key], atol=1e-4, rtol=1e-3)
     initial = _weights_of_untrained(tmp_path)
     assert any(not torch.allclose(a[k], initial[k]) for k in a)  # it did train
 
