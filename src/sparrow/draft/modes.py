@@ -62,6 +62,12 @@ def visual_layer(mode: str, visual: str, mid_layer: int | None) -> int | None:
     return 0 if visual == "embed" else mid_layer
 
 
+def prefill_layers(mode: str, visual: str, mid_layer: int | None) -> tuple[int, ...]:
+    """Target layers the prefill must capture for a draft run in `mode` (`visual_layer`)."""
+    layer = visual_layer(mode, visual, mid_layer)
+    return () if layer is None else (layer,)
+
+
 def training_positions(visual: str, visual_mask: torch.Tensor) -> torch.Tensor:
     """(n,) int64: the positions of a training sequence the draft is fed (`visual` none drops
     the visual ones, as `sparrow` mode does at inference)."""

@@ -18,6 +18,7 @@ them) and one draft level of b rows.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import heapq
 import json
@@ -176,9 +177,19 @@ def candidates() -> list[TreeSpec]:
 def choose_tree(profile: list[list[float]] | None, costs: dict, decode_s: float | None = None
                 ) -> tuple[TreeSpec, float]:
     """The candidate tree of highest expected speed, and that speed relative to plain decoding
-    (tokens per second over a decode step's; `decode_s` default: a verify of 1)."""
+    (tokens per second over a decode step's; `decode_s` default: a verify of 1). A pure
+    function of its arguments, computed once per distinct input (it scores ~1,000 trees:
+    tens of ms, which every request at a seen length would otherwise pay)."""
     if not profile:
         return FALLBACK, 1.0
+    return _best(tuple(map(tuple, profile)), tuple(sorted(costs["verify_s"].items())),
+                 tuple(sorted(costs["draft_level_s"].items())), decode_s)
+
+
+@functools.lru_cache(maxsize=256)
+def _best(profile: tuple, verify: tuple, draft: tuple, decode_s: float | None) -> tuple[TreeSpec, float]:
+    costs = {"verify_s": dict(verify), "draft_level_s": dict(draft)}
+    profile = [list(row) for row in profile]
     decode_s = decode_s or costs["verify_s"][1]
     best, best_speed = FALLBACK, 0.0
     for spec in candidates():

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from sparrow.draft import DraftModel
-from sparrow.draft.modes import MODES, visual_layer
+from sparrow.draft.modes import MODES, prefill_layers
 from sparrow.errors import ConfigError
 from sparrow.speculative.accept import Acceptance, accept_greedy, accept_sampled
 from sparrow.speculative.autotree import FALLBACK, MAX_TOTAL, choose_tree, costs_for
@@ -82,12 +82,6 @@ def _proposer(method: str, draft: DraftModel | None, target: TargetAdapter, tree
         raise ConfigError(f"--method {method} needs a draft: pass --draft DIR")
     # The checkpoint is the same in both modes; the method decides how it is run.
     return DraftProposer(draft, target, tree, mode=method)
-
-
-def draft_layers(method: str, draft: DraftModel) -> tuple[int, ...]:
-    """Target layers the prefill must capture for `draft` run as `method`."""
-    layer = visual_layer(method, draft.config.visual, draft.config.mid_layer)
-    return () if layer is None else (layer,)
 
 
 def _emit(new_tokens: list[int], emitted: list[int], eos: set[int], max_new_tokens: int) -> str:
@@ -178,7 +172,7 @@ def generate(
     if proposer is not None:
         layers = proposer.prefill_layers
     elif method != "ar" and draft is not None:
-        layers = draft_layers(method, draft)
+        layers = prefill_layers(method, draft.config.visual, draft.config.mid_layer)
     else:
         layers = ()
     eos = set(target.eos_token_ids if eos_token_ids is None else eos_token_ids)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from sparrow.draft import DraftModel
-from sparrow.draft.modes import draft_positions, visual_layer
+from sparrow.draft.modes import draft_positions, prefill_layers, visual_layer
 from sparrow.runtime.attention import TreeMask
 from sparrow.runtime.linear import pack_linears
 from sparrow.speculative.tree import Tree, TreeSpec, select_nodes
@@ -64,6 +64,7 @@ class DraftProposer:
         self.last_output: torch.Tensor | None = None  # (d,) output at the last committed pair
         config = draft.config
         self.visual_layer = visual_layer(self.mode, config.visual, config.mid_layer)
+        self.prefill_layers = prefill_layers(self.mode, config.visual, config.mid_layer)
         # what the draft predicts over: the target's lm_head, or, for a reduced vocabulary,
         # a linear of its N rows (a copy, packed like every draft linear)
         self.head = target.model.get_output_embeddings()
@@ -78,10 +79,6 @@ class DraftProposer:
     def cache_length(self) -> int:
         return self.length
 
-    @property
-    def prefill_layers(self) -> tuple[int, ...]:
-        """Target layers whose states the prefill must capture for this draft."""
-        return () if self.visual_layer is None else (self.visual_layer,)
 
     def start(self, prefill: PrefillOutput, first_token: int, capacity: int) -> None:
         """Feed the prompt's pairs; `first_token` is the token the target chose after it."""
