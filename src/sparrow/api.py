@@ -21,7 +21,7 @@ from sparrow.speculative.tree import DEFAULT_TREE, TreeSpec, parse_tree
 from sparrow.targets import TargetAdapter
 from sparrow.targets.base import PrefixState
 from sparrow.video.io import read_video
-from sparrow.video.processing import VideoInputs, preprocess_video
+from sparrow.video.processing import VideoInputs, decode_resizer, preprocess_video
 from sparrow.video.prompt import build_video_prompt
 
 
@@ -43,7 +43,8 @@ def prepare_video(
     """Decode, sample and preprocess a video file for `target`."""
     if num_frames is None and fps is None:
         num_frames = DEFAULT_NUM_FRAMES
-    clip = read_video(path, num_frames=num_frames, fps=fps)
+    clip = read_video(path, num_frames=num_frames, fps=fps,
+                      transform=decode_resizer(target.config, target.processor_config))
     return preprocess_video(clip, target.config, target.processor_config, dtype=target.dtype)
 
 

@@ -129,10 +129,10 @@ def test_models_health_and_openapi(server):
     assert "VideoPart" in document["components"]["schemas"]
 
 
-def test_unknown_fields_are_ignored(server, models):
+def test_caller_metadata_fields_are_accepted_and_ignored(server, models):
     url, _ = server
     body = {"model": "tiny", "messages": [{"role": "user", "content": "Say hi."}],
-            "max_tokens": MAX_TOKENS, "user": "someone", "not_a_field": {"x": 1}}
+            "max_tokens": MAX_TOKENS, "user": "someone", "metadata": {"x": "1"}, "store": False}
     response = requests.post(f"{url}/v1/chat/completions", json=body, timeout=60)
     assert response.status_code == 200
     assert response.json()["choices"][0]["message"]["content"] == reference(models, "Say hi.").text
@@ -189,6 +189,26 @@ BAD_REQUESTS = {
     "lone surrogate": (400, dict(
         raw=b'{"model": "tiny", "messages": [{"role": "user", "content": "\\ud800"}]}')),
     "video token in text": (400, dict(body=_chat("<|video_pad|>"))),
+    "empty content": (400, dict(body=_chat(""))),
+    "null content": (400, dict(body=_chat(None))),
+    "no content parts": (400, dict(body=_chat([]))),
+    "temperature tiny": (400, dict(body=_chat("Hi", temperature=1e-300))),
+    "file name too long": (400, dict(body=_chat(_video("MEDIA/" + "a" * 300 + ".mp4")))),
+    "lone surrogate in video url": (400, dict(raw=b'{"model": "tiny", "messages": [{"role": "user", '
+                                              b'"content": [{"type": "video_url", "video_url": '
+                                              b'{"url": "\\ud800.mp4"}}]}]}')),
+    "lone surrogate in an ignored field": (400, dict(raw=b'{"model": "tiny", "user": "\\udc00", '
+                                                     b'"messages": [{"role": "user", "content": "Hi"}]}')),
+    "nested 100000 deep": (400, dict(raw=b'{"model": "tiny", "user": ' + b"[" * 100_000
+                                     + b"]" * 100_000 + b"}")),
+    "nested 40 deep": (400, dict(raw=b'{"model": "tiny", "user": ' + b"[" * 40 + b"]" * 40 + b"}")),
+    "response_format": (400, dict(body=_chat("Hi", response_format={"type": "json_object"}))),
+    "logit_bias": (400, dict(body=_chat("Hi", logit_bias={"42": 100}))),
+    "tool_choice": (400, dict(body=_chat("Hi", tool_choice="none"))),
+    "unknown field": (400, dict(body=_chat("Hi", not_a_field={"x": 1}))),
+    "max_tokens as a string": (400, dict(body=_chat("Hi", max_tokens="5"))),
+    "max_tokens true": (400, dict(body=_chat("Hi", max_tokens=True))),
+    "stream as a string": (400, dict(body=_chat("Hi", stream="yes"))),
     "context overflow": (400, dict(body=_chat("x" * 5000, max_tokens=64))),
 }
 

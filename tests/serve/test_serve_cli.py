@@ -8,7 +8,10 @@ import subprocess
 import sys
 import time
 
+import pytest
 import requests
+
+from sparrow.cli import public_model_id
 
 
 def _free_port() -> int:
@@ -49,3 +52,10 @@ def test_serve_bad_flags_exit_2(tmp_path):
                           "--media-root", str(tmp_path / "missing")], capture_output=True, text=True,
                          timeout=120)
     assert run.returncode == 2 and run.stderr.count("\n") == 1 and "--media-root" in run.stderr
+
+
+@pytest.mark.parametrize(("target", "expected"), [
+    ("reference", "reference"), ("tiny:qwen2_vl", "tiny:qwen2_vl"), ("/srv/ckpt/my-model", "my-model"),
+    ("runs/m/", "m"), ("reference:/runs/x/weights.safetensors", "reference:weights.safetensors")])
+def test_the_model_id_is_the_targets_name_not_its_path(target, expected):
+    assert public_model_id(target) == expected

@@ -50,6 +50,7 @@ def test_full_queue_answers_429_and_the_rest_complete(target):
         refused = _post(url, _body())
         assert refused.status_code == 429
         assert refused.json()["error"]["type"] == "rate_limit_error"
+        assert int(refused.headers["Retry-After"]) >= 1
         gate.set()
         for future in [running, *waiting]:
             response = future.result()
@@ -90,3 +91,41 @@ def test_client_disconnect_cancels_its_generation(target, stream):
         _wait_for(lambda: engine.stats.cancelled == 1)  # 4000 tokens would take 80 s
         assert scripted.stopped == 1 and engine.stats.completed == 0
         assert _post(url, _body(max_tokens=3)).status_code == 200
+
+
+def test_a_body_that_never_arrives_is_timed_out(target):
+    with serving(target, timeout_s=0.5) as (url, _):
+        address = urlparse(url)
+        with socket.create_connection((address.hostname, address.port), timeout=10) as sock:
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                         b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"model\"")
+            started = time.monotonic()
+            reply = sock.recv(4096)
+            assert reply.startswith(b"HTTP/1.1 408") and b"did not arrive" in reply
+            assert time.monotonic() - started < 5
+        assert _post(url, _body(max_tokens=2)).status_code == 200
+
+
+def test_preprocessing_is_bounded_and_counts_in_the_timeout(target, monkeypatch):
+    """At most --max-preprocess requests prepare at once; waiting for a slot is part of the
+    request's time (504 past it), and a slot is held until its work really ends."""
+    from sparrow.serve import completions
+
+    running, peak, lock = [0], [0], threading.Lock()
+    real = completions.prepare_request
+
+    def slow_prepare(*args):
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        time.sleep(0.4)
+        with lock:
+            running[0] -= 1
+        return real(*args)
+
+    monkeypatch.setattr(completions, "prepare_request", slow_prepare)
+    with serving(target, max_preprocess=1, timeout_s=1.0) as (url, _), ThreadPoolExecutor(4) as pool:
+        statuses = [f.result().status_code for f in [pool.submit(_post, url, _body(2)) for _ in range(4)]]
+        _wait_for(lambda: running[0] == 0)
+    assert peak[0] == 1
+    assert statuses.count(200) >= 1 and set(statuses) <= {200, 504} and 504 in statuses

@@ -56,6 +56,23 @@ def test_paths_outside_the_media_roots_are_refused_alike(target, dirs):
         assert len(bodies) == 1 and FORBIDDEN in bodies.pop()  # one answer for all
 
 
+@pytest.mark.parametrize("lnk", ["symlink to a deeper directory", "directory", "missing"])
+def test_what_lies_outside_the_roots_does_not_change_the_answer(target, dirs, tmp_path, lnk):
+    """`..` is applied as written: `outside/lnk/../..` is `outside/..` whatever `lnk` is (a
+    symlink resolved first would lead elsewhere and tell the client it is one)."""
+    root, _ = dirs
+    outside = tmp_path / "outside"
+    (outside / "deep" / "er").mkdir(parents=True)
+    if lnk == "directory":
+        (outside / "lnk").mkdir()
+    elif lnk.startswith("symlink"):
+        os.symlink(outside / "deep" / "er", outside / "lnk")
+    os.symlink(root, tmp_path / "media")  # the root, reached from `outside`
+    with serving(target, media_roots=[tmp_path / "media"]) as (url, _):
+        response = _ask(url, "../outside/lnk/../../media/sub/inside.mp4")
+        assert response.status_code == 200, response.text
+
+
 def test_no_media_root_means_uploads_only(target, dirs):
     root, _ = dirs
     clip = (root / "sub" / "inside.mp4").read_bytes()
@@ -81,7 +98,10 @@ def test_upload_size_limit_answers_413(target, dirs):
 
 def test_api_key_guards_everything_but_health(target, monkeypatch):
     with serving(target, api_key="s3cret") as (url, _):
-        assert requests.get(f"{url}/health", timeout=10).status_code == 200
+        stranger = requests.get(f"{url}/health", timeout=10)
+        assert stranger.status_code == 200 and stranger.json() == {"status": "ok"}  # nothing more
+        keyed = requests.get(f"{url}/health", headers={"Authorization": "Bearer s3cret"}, timeout=10)
+        assert keyed.json()["status"] == "ok" and "stats" in keyed.json() and "queued" in keyed.json()
         for path in ("/v1/models", "/openapi.json", "/docs"):
             assert requests.get(f"{url}{path}", timeout=10).status_code == 401
             wrong = requests.get(f"{url}{path}", headers={"Authorization": "Bearer nope"}, timeout=10)
@@ -94,3 +114,19 @@ def test_api_key_guards_everything_but_health(target, monkeypatch):
         assert api.chat.completions.create(**body).choices[0].message.content is not None
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=f"{url}/v1", api_key="nope", max_retries=0).models.list()
+
+
+def test_a_target_without_chat_template_takes_one_user_message():
+    target = sparrow.load_target("tiny:qwen2_vl")
+    target.tokenizer.chat_template = None
+    with serving(target) as (url, _):
+        def post(messages):
+            return requests.post(f"{url}/v1/chat/completions", timeout=60, json={
+                "model": "tiny", "max_tokens": 2, "messages": messages})
+
+        assert post([{"role": "user", "content": "Hi"}]).status_code == 200
+        for messages in ([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+                         [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"},
+                          {"role": "user", "content": "Again"}]):
+            response = post(messages)
+            assert response.status_code == 400 and "chat template" in response.json()["error"]["message"]

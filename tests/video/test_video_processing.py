@@ -17,6 +17,7 @@ from sparrow.video.processing import (
     TEMPORAL_DIFFERENCE_KEY,
     VideoInputs,
     count_visual_tokens,
+    decode_resizer,
     frames_for_budget,
     preprocess_video,
     smart_resize,
@@ -378,3 +379,20 @@ def test_temporal_difference_must_match_the_tower():
                          {**processor_config("llava_onevision"), TEMPORAL_DIFFERENCE_KEY: 4})
     with pytest.raises(ConfigError, match="takes 6 channels"):
         preprocess_video(clip, _six_channel_llava().config, processor_config("llava_onevision"))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("shape", [(120, 200), (30, 40)])
+def test_frames_resized_while_decoding_give_the_same_inputs(tmp_path, family, shape):
+    """`decode_resizer` (the server and `prepare_video` scale each frame as it is decoded)
+    changes nothing: preprocess_video finds the frames at size and the pixels are identical."""
+    frames = np.random.default_rng(2).integers(0, 256, (9, *shape, 3), dtype=np.uint8)
+    path = write_video(tmp_path / "clip.mp4", frames, fps=4)
+    config, processor = tiny_config(family), processor_config(family)
+    for num_frames in (3, 4):
+        whole = read_video(path, num_frames=num_frames)
+        scaled = read_video(path, num_frames=num_frames, transform=decode_resizer(config, processor))
+        assert scaled.frames.shape[1:3] != whole.frames.shape[1:3]  # resized while decoding
+        a, b = preprocess_video(whole, config, processor), preprocess_video(scaled, config, processor)
+        assert torch.equal(a.pixel_values_videos, b.pixel_values_videos)
+        assert a.num_visual_tokens == b.num_visual_tokens

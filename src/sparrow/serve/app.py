@@ -2,7 +2,8 @@
 
     POST /v1/chat/completions   chat completion, streaming (SSE) or not (completions.py)
     GET  /v1/models             the one served model
-    GET  /health                liveness + queue state (never needs the API key)
+    GET  /health                liveness; with the API key (or when none is set) also the
+                                queue, counters and prefix cache
     GET  /openapi.json, /docs   the API document
 
 Every error is a JSON body in OpenAI's shape, {"error": {"message", "type", "param", "code"}}
@@ -14,6 +15,7 @@ and the settings on `request.app.state`.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import time
 from collections.abc import AsyncIterator
@@ -48,6 +50,8 @@ class ServeSettings:
     max_tokens: int = 1024  # the cap on max_tokens, and its default
     timeout_s: float = 300.0  # from arrival to the last token, queue wait included
     max_upload_bytes: int = 64 * 2**20  # request body size (a base64 video is 4/3 its file)
+    max_preprocess: int = 2  # requests decoding their video at once (the rest wait, in the timeout)
+    max_video_pixels: int = 4096 * 2160  # a frame's width x height, read before decoding
 
 
 def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
@@ -56,6 +60,7 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
                   description="OpenAI-compatible video chat with lossless speculative decoding.")
     app.state.engine, app.state.settings = engine, settings
     app.state.created = int(time.time())
+    app.state.preprocessing = asyncio.Semaphore(settings.max_preprocess)
     if settings.api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key)
     app.add_exception_handler(errors.ApiError, errors.api_error_handler)
@@ -77,6 +82,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 
 async def health(request: Request) -> dict:
+    settings: ServeSettings = request.app.state.settings
+    if settings.api_key and not ApiKeyMiddleware.authorized(request.scope, settings.api_key):
+        return {"status": "ok"}  # liveness only: nothing about the server to a stranger
     engine: Engine = request.app.state.engine
     cache = engine.prefix_cache
     prefix_cache = None if cache is None else {
@@ -115,16 +123,20 @@ def _openapi(app: FastAPI, model_id: str) -> dict:
 
 
 class ApiKeyMiddleware:
-    """Every path but /health needs `Authorization: Bearer KEY` (compared in constant time)."""
+    """Every path but /health needs `Authorization: Bearer KEY` (compared in constant time);
+    /health answers more with it (`health`)."""
 
     def __init__(self, app, api_key: str):
-        self.app = app
-        self.expected = f"Bearer {api_key}".encode()
+        self.app, self.api_key = app, api_key
+
+    @staticmethod
+    def authorized(scope, api_key: str) -> bool:
+        given = dict(scope["headers"]).get(b"authorization", b"")
+        return hmac.compare_digest(given, f"Bearer {api_key}".encode())
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http" and scope["path"] != "/health":
-            given = dict(scope["headers"]).get(b"authorization", b"")
-            if not hmac.compare_digest(given, self.expected):
+            if not self.authorized(scope, self.api_key):
                 response = errors.ApiError(401, "missing or wrong API key: send Authorization: Bearer KEY",
                                            code="invalid_api_key").response()
                 await response(scope, receive, send)

@@ -26,7 +26,6 @@ from typing import TYPE_CHECKING
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 from pydantic import ValidationError
-from starlette.concurrency import run_in_threadpool
 
 from sparrow.errors import SparrowError
 from sparrow.serve.engine import Engine, GenerationJob, QueueFull
@@ -34,13 +33,14 @@ from sparrow.serve.errors import ApiError, timed_out, validation_message
 from sparrow.serve.media import MediaError
 from sparrow.serve.prepare import Prepared, prepare_request
 from sparrow.serve.prompt import Detokenizer
-from sparrow.serve.schemas import ChatCompletionRequest
+from sparrow.serve.schemas import IGNORED_FIELDS, ChatCompletionRequest
 from sparrow.speculative.generate import GenerationResult
 
 if TYPE_CHECKING:  # app.py imports this module: the settings type is for annotations only
     from sparrow.serve.app import ServeSettings
 
 FINISH_REASONS = {"eos": "stop", "length": "length"}
+MAX_JSON_DEPTH = 32  # a chat body needs 7 (body, messages, message, parts, part, video_url, url)
 POLL_S = 0.25  # how often a waiting request checks whether its client is still there
 
 # The statuses the endpoint answers, for the OpenAPI document.
@@ -74,15 +74,15 @@ class InFlight:
 async def chat_completions(request: Request):
     engine: Engine = request.app.state.engine
     settings: ServeSettings = request.app.state.settings
-    arrived = time.monotonic()
-    req = await read_chat_request(request, settings)
+    deadline = time.monotonic() + settings.timeout_s  # body, preprocessing, queue and answer
+    req = await read_chat_request(request, settings, deadline)
     try:
-        prepared = await run_in_threadpool(prepare_request, req, engine.target, settings)
+        prepared = await prepare(request.app.state.preprocessing, req, engine.target, settings, deadline)
     except MediaError as error:
         raise ApiError(error.status, str(error), param="messages") from error
     except SparrowError as error:
         raise ApiError(400, str(error)) from error
-    flight = submit(engine, prepared, request, settings, deadline=arrived + settings.timeout_s)
+    flight = submit(engine, prepared, request, settings, deadline=deadline)
     try:
         # A stream starts at the first event; a single answer waits for the last one.
         event = await next_event(flight)
@@ -100,23 +100,60 @@ async def chat_completions(request: Request):
                              media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
-async def read_chat_request(request: Request, settings: ServeSettings) -> ChatCompletionRequest:
-    """The body, read by hand rather than declared to FastAPI: the size limit holds while it
-    arrives, and each fault (too large, not JSON, invalid, unknown model) is answered in
-    OpenAI's shape."""
-    body = await _read_body(request, settings.max_upload_bytes)
+async def read_chat_request(request: Request, settings: ServeSettings,
+                            deadline: float) -> ChatCompletionRequest:
+    """The body, read by hand rather than declared to FastAPI: the size limit and the deadline
+    hold while it arrives, and each fault (too large, too slow, not JSON, too deep, not UTF-8,
+    a field this server does not support, invalid, unknown model) is answered in OpenAI's
+    shape."""
+    try:
+        async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+            body = await _read_body(request, settings.max_upload_bytes)
+    except TimeoutError:
+        raise ApiError(408, f"the request body did not arrive within {settings.timeout_s:g} s "
+                            "(sparrow serve --timeout)", code="timeout") from None
     try:
         data = json.loads(body)
+    except RecursionError:
+        raise ApiError(400, f"request body is nested deeper than {MAX_JSON_DEPTH} levels") from None
     except ValueError as error:
         raise ApiError(400, f"request body is not valid JSON ({error})") from error
+    check_json(data)
+    if isinstance(data, dict):
+        unknown = sorted(set(data) - set(ChatCompletionRequest.model_fields) - IGNORED_FIELDS)
+        if unknown:
+            raise ApiError(400, f"{unknown[0]} is not supported by this server (it would change "
+                                "the answer or is not an OpenAI chat field)", param=unknown[0])
+        data = {name: value for name, value in data.items() if name not in IGNORED_FIELDS}
     try:
-        req = ChatCompletionRequest.model_validate(data)
+        req = ChatCompletionRequest.model_validate(data, strict=True)
     except ValidationError as error:
         raise ApiError(400, validation_message(error.errors())) from error
     if req.model != settings.model_id:
         raise ApiError(404, f"model {req.model!r} is not served here; use {settings.model_id!r}",
                        code="model_not_found", param="model")
     return req
+
+
+def check_json(value) -> None:
+    """Refuse nesting deeper than MAX_JSON_DEPTH and strings that are not Unicode text (a lone
+    surrogate, legal as a JSON escape, cannot be encoded), anywhere in the body."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise ApiError(400, f"request body is nested deeper than {MAX_JSON_DEPTH} levels")
+        if isinstance(item, dict):
+            stack.extend((key, depth) for key in item)
+            stack.extend((child, depth + 1) for child in item.values())
+        elif isinstance(item, list):
+            stack.extend((child, depth + 1) for child in item)
+        elif isinstance(item, str) and not item.isascii():
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ApiError(400, "request body holds a string that is not valid Unicode (a lone "
+                                    "surrogate escape such as \\ud800)") from None
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -135,6 +172,23 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+async def prepare(slots: asyncio.Semaphore, req: ChatCompletionRequest, target,
+                  settings: ServeSettings, deadline: float) -> Prepared:
+    """`prepare_request` on a worker thread, at most `slots` at once (decoding a video takes
+    memory), within the request's deadline (waiting for a slot included). A thread cannot be
+    stopped: one past the deadline holds its slot until it ends, so the bound holds."""
+    try:
+        await asyncio.wait_for(slots.acquire(), max(0.0, deadline - time.monotonic()))
+    except TimeoutError:
+        raise timed_out(settings.timeout_s) from None
+    future = asyncio.get_running_loop().run_in_executor(None, prepare_request, req, target, settings)
+    future.add_done_callback(lambda done: (slots.release(), done.cancelled() or done.exception()))
+    try:
+        return await asyncio.wait_for(asyncio.shield(future), max(0.0, deadline - time.monotonic()))
+    except TimeoutError:
+        raise timed_out(settings.timeout_s) from None
+
+
 def submit(engine: Engine, prepared: Prepared, client: Request, settings: ServeSettings,
            deadline: float) -> InFlight:
     """Queue the generation (429 when the queue is full)."""
@@ -147,8 +201,8 @@ def submit(engine: Engine, prepared: Prepared, client: Request, settings: ServeS
     try:
         engine.submit(job)
     except QueueFull:
-        raise ApiError(429, "the server's request queue is full; retry later",
-                       code="queue_full") from None
+        raise ApiError(429, "the server's request queue is full; retry later", code="queue_full",
+                       headers={"Retry-After": str(engine.retry_after_s())}) from None
     return InFlight(job, events, client, settings.model_id, settings.timeout_s)
 
 

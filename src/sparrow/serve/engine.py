@@ -15,6 +15,7 @@ question pays no video prefill); afterwards the job's own prompt state is stored
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
 import time
@@ -58,6 +59,8 @@ class EngineStats:
     timed_out: int = 0
     failed: int = 0
     rejected: int = 0  # queue full
+    runs: int = 0  # jobs the worker started generating
+    generation_s: float = 0.0  # seconds it spent on them
 
 
 class Engine:
@@ -102,6 +105,11 @@ class Engine:
     def queued(self) -> int:
         return self._queue.qsize()
 
+    def retry_after_s(self) -> int:
+        """Seconds until a slot is likely free: the queue ahead times the mean job so far."""
+        mean = self.stats.generation_s / self.stats.runs if self.stats.runs else 1.0
+        return max(1, math.ceil(mean * (self.queued + 1)))
+
     def submit(self, job: GenerationJob) -> None:
         try:
             self._queue.put_nowait(job)
@@ -131,6 +139,7 @@ class Engine:
             job.sink("tokens", tokens)
             return job.cancel.is_set() or time.monotonic() >= job.deadline
 
+        started = time.monotonic()
         try:
             result = self._generate(job, on_tokens)
         except Exception as error:  # reported to the client; the worker keeps serving
@@ -139,6 +148,9 @@ class Engine:
             self.stats.failed += 1
             job.sink("error", error)
             return
+        finally:
+            self.stats.runs += 1
+            self.stats.generation_s += time.monotonic() - started
         if result.finish_reason == "stopped":
             if job.cancel.is_set():
                 self.stats.cancelled += 1

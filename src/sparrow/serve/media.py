@@ -2,9 +2,11 @@
 
 A video part's url is a data URL (`data:video/mp4;base64,...`, always allowed: an upload) or a
 local path (`file:///abs/path` or a plain path). Local paths are allowed only inside the
-directories given with --media-root (none by default): the path is resolved (symlinks and `..`
-included) and refused with the same 403 message whether or not the file exists, so a client
-learns nothing about files outside the roots. Relative paths are taken from the first root.
+directories given with --media-root (none by default), checked twice: as written, with `..`
+applied lexically (so nothing outside the roots, a symlink or not, a file or not, can change
+the answer), and then with the symlinks inside the roots resolved. Every refusal is the same
+403, so a client learns nothing about files outside the roots. Relative paths are taken from
+the first root.
 """
 
 from __future__ import annotations
@@ -38,13 +40,25 @@ def resolve_local(reference: str, media_roots: list[Path]) -> Path:
     path = unquote(urlparse(reference).path) if reference.startswith("file://") else reference
     if "\x00" in path:
         raise MediaError(FORBIDDEN, 403)
-    candidate = Path(path) if os.path.isabs(path) else media_roots[0] / path
-    real = Path(os.path.realpath(candidate))
-    if not any(real.is_relative_to(os.path.realpath(root)) for root in media_roots):
+    roots = [os.path.abspath(root) for root in media_roots]
+    written = os.path.normpath(path if os.path.isabs(path) else os.path.join(roots[0], path))
+    if not any(_within(written, root) for root in roots):
         raise MediaError(FORBIDDEN, 403)
-    if not real.is_file():
+    try:  # a symlink inside the roots may still point out of them
+        real = os.path.realpath(written)
+        inside = any(_within(real, os.path.realpath(root)) for root in roots)
+        found = inside and os.path.isfile(real)
+    except (OSError, ValueError):  # a name too long for the file system, ...
+        inside, found = True, False
+    if not inside:
+        raise MediaError(FORBIDDEN, 403)
+    if not found:
         raise MediaError(f"video file not found: {reference}", 400)
-    return real
+    return Path(real)
+
+
+def _within(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
 
 
 @contextmanager

@@ -18,8 +18,8 @@ from sparrow.serve.media import video_file
 from sparrow.serve.schemas import ChatCompletionRequest
 from sparrow.speculative.sampling import GREEDY, SamplingParams
 from sparrow.targets import TargetAdapter
-from sparrow.video.io import read_video
-from sparrow.video.processing import VideoInputs, count_visual_tokens, preprocess_video
+from sparrow.video.io import probe_video, read_video
+from sparrow.video.processing import VideoInputs, count_visual_tokens, decode_resizer, preprocess_video
 from sparrow.video.prompt import VIDEO_PART, render_chat
 
 if TYPE_CHECKING:  # app.py imports this module: the settings type is for annotations only
@@ -43,6 +43,9 @@ def prepare_request(req: ChatCompletionRequest, target: TargetAdapter,
     SparrowError (the target refusing the prompt)."""
     max_new_tokens, num_frames = _check_options(req, settings)
     messages, video_url = _template_messages(req)
+    if not getattr(target.tokenizer, "chat_template", None) and [m["role"] for m in messages] != ["user"]:
+        raise ApiError(400, "this model has no chat template, so it cannot tell system, assistant "
+                            "and user turns apart: send one user message", param="messages")
     video, video_key = None, None
     if video_url is not None:
         video, video_key = _read_video(video_url, req, num_frames, target, settings)
@@ -91,7 +94,10 @@ def _template_messages(req: ChatCompletionRequest) -> tuple[list[dict], str | No
     messages, video_url = [], None
     for index, message in enumerate(req.messages):
         role = "system" if message.role == "developer" else message.role
-        content = message.content if message.content is not None else ""
+        content = message.content
+        if not content:
+            raise ApiError(400, f"messages[{index}].content is empty: give text or a video",
+                           param="messages")
         if isinstance(content, str):
             parts = [{"type": "text", "text": content}]
         else:
@@ -119,12 +125,19 @@ def _read_video(video_url: str, req: ChatCompletionRequest, num_frames: int | No
     """The video's model inputs and its prefix-cache key, within the frame and visual-token
     limits."""
     with video_file(video_url, settings.media_roots, settings.max_upload_bytes) as (path, digest):
-        # With fps, read one frame over the limit to tell "too many" from "just enough".
+        label = "the uploaded video" if video_url.startswith("data:") else video_url
         try:
+            info = probe_video(path)  # the container's word, before decoding anything
+            if info.width * info.height > settings.max_video_pixels:
+                raise ApiError(400, f"{label}: {info.width}x{info.height} frames are over this "
+                                    f"server's limit of {settings.max_video_pixels} pixels a frame; "
+                                    "scale the video down", param="messages")
+            # Each frame is scaled to the model's size as it is decoded; with fps, one frame
+            # over the limit is read to tell "too many" from "just enough".
             clip = read_video(path, num_frames=num_frames, fps=req.fps,
-                              max_frames=None if req.fps is None else settings.max_frames + 1)
+                              max_frames=None if req.fps is None else settings.max_frames + 1,
+                              transform=decode_resizer(target.config, target.processor_config))
         except SparrowError as error:  # name the video as the client did, not our path
-            label = "the uploaded video" if video_url.startswith("data:") else video_url
             raise ApiError(400, str(error).replace(str(path), label), param="messages") from error
         if clip.num_frames > settings.max_frames:
             raise ApiError(400, f"fps {req.fps:g} samples more than this server's limit of "

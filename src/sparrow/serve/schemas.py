@@ -1,8 +1,10 @@
 """The body of POST /v1/chat/completions: OpenAI's chat format plus a few sparrow fields.
 
-Unknown top-level fields are ignored (OpenAI clients send fields such as `user` or
-`stream_options` freely); fields that would change the answer and are not supported
-(`n` > 1, `stop`, penalties, logprobs, tools) are refused with 400 instead of ignored.
+Validated strictly (`max_tokens: "5"` or `true`, `stream: "yes"` are type errors, not
+coerced). Top-level fields outside this model are refused with 400, except IGNORED_FIELDS,
+which OpenAI clients send freely and which cannot change the answer; fields modelled here
+but not supported in every form (`n` > 1, `stop`, penalties, logprobs, tools) are refused by
+the request's checks (prepare.py).
 """
 
 from __future__ import annotations
@@ -11,22 +13,18 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from sparrow.speculative.sampling import MIN_TEMPERATURE
+
 MAX_SEED = 2**63 - 1
 
-
-def _utf8(text: str) -> str:
-    text.encode("utf-8")  # lone surrogates (legal in JSON escapes) raise here: a 400, not a 500
-    return text
+# Accepted and ignored: metadata about the caller or the response's storage.
+IGNORED_FIELDS = frozenset({"user", "metadata", "store", "service_tier", "safety_identifier",
+                            "prompt_cache_key", "parallel_tool_calls"})
 
 
 class TextPart(BaseModel):
     type: Literal["text"]
     text: str
-
-    @field_validator("text")
-    @classmethod
-    def _encodable(cls, value: str) -> str:
-        return _utf8(value)
 
 
 class VideoURL(BaseModel):
@@ -46,18 +44,13 @@ class Message(BaseModel):
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[ContentPart] | None = None
 
-    @field_validator("content")
-    @classmethod
-    def _encodable(cls, value):
-        return _utf8(value) if isinstance(value, str) else value
-
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
 class ChatCompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
 
     model: str
     messages: list[Message] = Field(min_length=1)
@@ -77,3 +70,11 @@ class ChatCompletionRequest(BaseModel):
     tools: list | None = Field(default=None, description="not supported")
     num_frames: int | None = Field(default=None, ge=1, description="sparrow: frames sampled uniformly")
     fps: float | None = Field(default=None, gt=0, le=1000, description="sparrow: sample by rate instead")
+
+    @field_validator("temperature")
+    @classmethod
+    def _samplable(cls, value: float | None) -> float | None:
+        if value is not None and 0 < value < MIN_TEMPERATURE:
+            raise ValueError(f"{value:g} is too small to sample with: use 0 for greedy decoding "
+                             f"or at least {MIN_TEMPERATURE:g}")
+        return value

@@ -19,6 +19,10 @@ from transformers.generation.logits_process import (
 
 from sparrow.errors import ConfigError
 
+# Below this, logits / temperature overflows float32 (a logit of 40 over 1e-37 is infinite)
+# long before sampling differs from greedy decoding; such temperatures are refused.
+MIN_TEMPERATURE = 1e-3
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -30,6 +34,9 @@ class SamplingParams:
     def __post_init__(self):
         if self.temperature < 0:
             raise ConfigError(f"--temperature {self.temperature}: must be >= 0 (0 = greedy)")
+        if 0 < self.temperature < MIN_TEMPERATURE:
+            raise ConfigError(f"--temperature {self.temperature:g}: too small to sample with; use 0 "
+                              f"for greedy decoding or at least {MIN_TEMPERATURE:g}")
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"--top-p {self.top_p}: must be in (0, 1]")
         if self.top_k < 0:

@@ -14,12 +14,17 @@ Sampling rules (the frame indices refer to the decoded frame order, 0 .. total -
 
 Only the selected frames are converted to RGB arrays and kept; every other decoded frame is
 dropped at once, so memory grows with the number of sampled frames, not with the video length.
+With a `transform` (`processing.decode_resizer`: the model's frame size) each kept frame is
+resized as it is decoded, so it grows with the model's frame size, not the video's either.
+`probe_video` reads a video's size, frame count and duration from its container, decoding
+nothing (to refuse what is too large before paying for it).
 """
 
 from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -66,6 +71,38 @@ class VideoClip:
         return self.fps
 
 
+@dataclass(frozen=True)
+class VideoInfo:
+    """What a video's container says about it (nothing decoded)."""
+
+    width: int
+    height: int
+    frames: int | None  # None when the container does not record a count
+    fps: float
+    duration: float | None  # seconds, None when unrecorded
+
+
+def probe_video(path: str | os.PathLike) -> VideoInfo:
+    """The size, frame count, rate and duration of `path`'s first video stream, from its
+    container's metadata. Raises VideoError as `read_video` does for what is not a video."""
+    path_str = str(path)
+    if not Path(path_str).is_file():
+        raise VideoError(f"video file not found: {path_str}; check the path")
+    with _open(path_str) as container:
+        stream = _video_stream(container, path_str)
+        width, height = stream.codec_context.width, stream.codec_context.height
+        if not width or not height:
+            raise VideoError(f"{path_str} does not record its frame size; re-encode it (ffmpeg -i IN OUT.mp4)")
+        fps = _frame_rate(stream, container, path_str)
+        duration = None
+        if stream.duration is not None and stream.time_base is not None:
+            duration = float(stream.duration * stream.time_base)
+        elif container.duration is not None:
+            duration = container.duration / av.time_base
+        frames = stream.frames if stream.frames and stream.frames > 0 else None
+    return VideoInfo(int(width), int(height), frames, fps, duration)
+
+
 def uniform_indices(total: int, count: int) -> np.ndarray:
     """`count` frame indices spread uniformly over `total` frames, first and last included."""
     return np.linspace(0, total - 1, count).round().astype(np.int64)  # (count,)
@@ -83,8 +120,11 @@ def read_video(
     num_frames: int | None = None,
     fps: float | None = None,
     max_frames: int | None = None,
+    transform: Callable[[np.ndarray, int, str], np.ndarray] | None = None,
 ) -> VideoClip:
     """Decode `path` and return the sampled frames (see the module docstring for the rules).
+    `transform(frame, num_frames, path)`, if given, maps each kept (H, W, 3) frame as it is
+    decoded (num_frames: how many are sampled).
 
     Raises VideoError (one line: the file and the fix) for a missing file, a file that is not a
     decodable video, a video without frames, and impossible sampling arguments.
@@ -106,7 +146,7 @@ def read_video(
         )
 
     indices = _select(total, source_fps, num_frames, fps, max_frames)
-    kept, decoded = _decode_selected(path_str, indices)
+    kept, decoded = _decode_selected(path_str, indices, transform)
     if kept.keys() != set(indices.tolist()):
         # The recorded frame count was too high (truncated file or inexact metadata): `decoded`
         # is the true count, so sample again over the frames that really decode.
@@ -116,7 +156,7 @@ def read_video(
             )
         total = decoded
         indices = _select(total, source_fps, num_frames, fps, max_frames)
-        kept, _ = _decode_selected(path_str, indices)
+        kept, _ = _decode_selected(path_str, indices, transform)
 
     frames = np.stack([kept[int(index)] for index in indices])  # (T, H, W, 3) uint8
     return VideoClip(
@@ -227,7 +267,7 @@ def _select(
     return indices  # (T,) int64, non-decreasing
 
 
-def _decode_selected(path: str, indices: np.ndarray) -> tuple[dict[int, np.ndarray], int]:
+def _decode_selected(path: str, indices: np.ndarray, transform=None) -> tuple[dict[int, np.ndarray], int]:
     """Decode frames in order and keep those at `indices` as (H, W, 3) uint8 RGB arrays.
 
     Returns the kept frames by index and the number of frames decoded. Decoding stops after the
@@ -244,7 +284,8 @@ def _decode_selected(path: str, indices: np.ndarray) -> tuple[dict[int, np.ndarr
         try:
             for frame in container.decode(stream):
                 if decoded in wanted:
-                    kept[decoded] = frame.to_ndarray(format="rgb24")
+                    rgb = frame.to_ndarray(format="rgb24")  # (H, W, 3) uint8
+                    kept[decoded] = rgb if transform is None else transform(rgb, len(indices), path)
                 decoded += 1
                 if decoded > last_wanted:
                     break

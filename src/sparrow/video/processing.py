@@ -281,6 +281,25 @@ def preprocess_video(
     )
 
 
+def decode_resizer(model_config, processor_config: dict[str, Any] | None = None):
+    """A `read_video` transform that resizes each frame, as it is decoded, to the size
+    `preprocess_video` resizes it to (which then finds it at size and leaves it): one
+    full-size frame in memory at a time instead of all of them. The result is identical, as
+    the resize treats each frame alone."""
+    settings = video_settings(model_config, processor_config)
+
+    def resize(frame: np.ndarray, num_frames: int, path: str) -> np.ndarray:
+        height, width = frame.shape[:2]
+        if settings.family in QWEN_FAMILIES:
+            size = _qwen_frame_size(settings, num_frames, height, width, path)
+        else:
+            size = _llava_frame_size(settings, height, width)
+        video = torch.from_numpy(frame).permute(2, 0, 1)[None]  # (1, 3, H, W) uint8
+        return _resize(video, *size, settings)[0].permute(1, 2, 0).contiguous().numpy()
+
+    return resize
+
+
 def count_visual_tokens(
     model_config, processor_config: dict[str, Any] | None, num_frames: int, height: int, width: int
 ) -> int:
