@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from sparrow.bench import CELLS, cases_from_prompts, parse_lengths, run_bench, summarize
+from sparrow.bench import CELLS, cases_from_prompts, parse_lengths, parse_trees, run_bench, summarize
 from sparrow.draft import init_draft
 from sparrow.errors import ConfigError
 from sparrow.training.prompts import read_prompts
@@ -38,6 +38,8 @@ def test_bench_runs_every_cell_once_and_resumes(setup, tmp_path):
     greedy = [r for r in report["rows"] if r["temperature"] == 0]
     assert all(r["identical_to_ar"] == (2, 2) for r in greedy)  # lossless, per video
     assert {r["method"] for r in report["rows"]} == {"ar", "sparrow", "eagle"}
+    # the draft's pass over the prompt is timed apart (part of its draft time)
+    assert all(0 < c["draft_prefill_s"] <= c["draft_s"] for c in cells if c["method"] != "ar")
     ar = [r for r in report["rows"] if r["method"] == "ar"]
     assert all(r["tau"] == 1.0 and r["dsr"] == 1.0 for r in ar)
     # resume: a rerun runs nothing; a lost cell is run again, alone
@@ -50,6 +52,24 @@ def test_bench_runs_every_cell_once_and_resumes(setup, tmp_path):
         {k: cells[-1][k] for k in ("length", "index", "temperature", "method", "token_ids")}
     for name in ("bench.json", "bench.md", "bench.png"):
         assert (out / name).stat().st_size > 0
+
+
+def test_several_trees_run_every_draft_with_each(setup, tmp_path):
+    target, prompts, drafts = setup
+    cases = cases_from_prompts(target, prompts[:1], [100])
+    report = run_bench(target, cases, drafts[:1], tmp_path / "b", tree="5-3-2,3-2-1",
+                       temperatures=[0.0], max_new_tokens=8)
+    rows = {r["method"]: r for r in report["rows"]}
+    assert set(rows) == {"ar", "sparrow@5-3-2", "sparrow@3-2-1"}
+    cells = {c["method"]: c for c in map(json.loads, (tmp_path / "b" / CELLS).read_text().splitlines())}
+    assert cells["sparrow@5-3-2"]["tree"] != cells["sparrow@3-2-1"]["tree"]
+    assert all(r["identical_to_ar"] == (1, 1) for r in rows.values())
+
+
+@pytest.mark.parametrize("text", ["", "auto,auto", "auto,3-2"])
+def test_bad_trees_are_refused(text):
+    with pytest.raises(ConfigError, match="--tree"):
+        parse_trees(text)
 
 
 def test_dsr_is_per_token_decode_time_against_ar_on_the_same_video():

@@ -2,7 +2,8 @@
 
 Each video is prefilled once; its state (`target.snapshot()`) is reused by every method, so
 the methods differ only in decoding (drafts whose visual positions carry a target layer's
-states, run in eagle mode, need that layer from a full prefill and take one). Per cell
+states, run in eagle mode, need that layer from a full prefill and take one). `tree` may name
+several trees ("auto,30-4-8"): every draft then runs with each, as method `draft@tree`. Per cell
 (length, video, temperature, method) one record goes to `cells.jsonl` as it finishes; a rerun
 skips the cells already there (an interrupted run resumes with finished cells kept). The
 report (`bench.json`, `bench.md`, `bench.png`) is rebuilt from the cells:
@@ -11,7 +12,9 @@ report (`bench.json`, `bench.md`, `bench.png`) is rebuilt from the cells:
              AR: 1)
     DSR      decode-phase speedup over AR: AR's decode seconds per token / the method's, per
              video, median over videos (prefill excluded); ESR includes the shared prefill
-    draft, verify: milliseconds per target call; calls: target calls per video (mean)
+    draft, verify: milliseconds per target call (draft: its pass over the prompt at the start
+             included, which in eagle mode covers every visual token); draft prompt: that
+             pass alone, seconds per video (mean); calls: target calls per video (mean)
 
 Videos and prompts: for the reference target, evaluation seeds (never trained on) rendered
 with as many frames as fit each length, asked "Describe the video in detail."; for other
@@ -74,17 +77,30 @@ def _load_cells(out: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _methods(target, drafts: list[str]) -> list[tuple[str, object]]:
+def parse_trees(text: str) -> list[str]:
+    """'auto,30-4-8' -> ['auto', '30-4-8'], each checked (sparrow.speculative.tree)."""
+    trees = [part.strip() for part in str(text).split(",") if part.strip()]
+    if not trees or len(set(trees)) != len(trees):
+        raise ConfigError(f"--tree {text}: one tree or distinct comma-separated trees, e.g. auto,30-4-8")
+    for tree in trees:
+        parse_tree(tree)
+    return trees
+
+
+def _methods(target, drafts: list[str], trees: list[str]) -> list[tuple[str, object, object]]:
+    """(name, draft or None, tree) per method: AR once, then every draft with every tree."""
     from sparrow.draft import load_draft
 
-    methods: list[tuple[str, object]] = [("ar", None)]
+    methods: list[tuple[str, object, object]] = [("ar", None, parse_tree(trees[0]))]
     names = set()
     for directory in drafts:
         name = Path(directory).name
         if name in names or name == "ar":
             raise ConfigError(f"--drafts: two drafts named {name!r}; give the directories distinct names")
         names.add(name)
-        methods.append((name, load_draft(directory, target)))
+        draft = load_draft(directory, target)
+        for tree in trees:
+            methods.append((name if len(trees) == 1 else f"{name}@{tree}", draft, parse_tree(tree)))
     return methods
 
 
@@ -97,15 +113,14 @@ def run_bench(target, cases: list[Case], drafts: list[str], out: str | Path, *, 
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    spec = parse_tree(tree)
-    methods = _methods(target, drafts)
+    methods = _methods(target, drafts, parse_trees(tree))
     done = {_key(r) for r in _load_cells(out)}
-    todo = [(c, t, m) for c in cases for t in temperatures for m, _ in methods
+    todo = [(c, t, m) for c in cases for t in temperatures for m, _, _ in methods
             if (c.length, c.index, t, m) not in done]
     bar = tqdm(total=len(todo), desc="bench", unit="run")
     warmed = False
     for case in cases:
-        pending = [(t, name, d) for t in temperatures for name, d in methods
+        pending = [(t, name, d, spec) for t in temperatures for name, d, spec in methods
                    if (case.length, case.index, t, name) not in done]
         if not pending:
             continue
@@ -118,11 +133,11 @@ def run_bench(target, cases: list[Case], drafts: list[str], out: str | Path, *, 
         prefill_s = time.perf_counter() - start
         prefix = target.snapshot()
         if not warmed:  # first calls pack weights and build kernels: not part of any timing
-            for _, draft in methods:
+            for _, draft, spec in methods:
                 generate(target, ids, video, method=draft.mode if draft else "ar", draft=draft,
                          tree=spec, max_new_tokens=4, prefix=prefix)
             warmed = True
-        for temperature, name, draft in pending:
+        for temperature, name, draft, spec in pending:
             sampling = SamplingParams(temperature=temperature, seed=seed + case.index)
             result = generate(target, ids, video, method=draft.mode if draft else "ar", draft=draft,
                               tree=spec, max_new_tokens=max_new_tokens, sampling=sampling, prefix=prefix)
@@ -132,7 +147,7 @@ def run_bench(target, cases: list[Case], drafts: list[str], out: str | Path, *, 
                       "visual_tokens": result.num_visual_tokens, "prompt_tokens": result.num_prompt_tokens,
                       "tokens": len(result.token_ids), "target_calls": result.target_calls,
                       "tau": result.tau, "prefill_s": prefill_s, "decode_s": t.decode_s,
-                      "draft_s": t.draft_s, "verify_s": t.verify_s,
+                      "draft_s": t.draft_s, "verify_s": t.verify_s, "draft_prefill_s": t.draft_prefill_s,
                       "draft_cache_length": result.draft_cache_length, "tree": result.tree,
                       "token_ids": result.token_ids}
             with open(out / CELLS, "a") as f:
@@ -172,6 +187,8 @@ def summarize(cells: list[dict]) -> list[dict]:
             "draft_ms": 1000 * sum(c["draft_s"] for c in group) / max(1, calls),
             "verify_ms": 1000 * sum(c["verify_s"] for c in group) / max(1, calls),
             "prefill_s": statistics.mean(c["prefill_s"] for c in group),
+            "draft_prefill_s": (statistics.mean(c["draft_prefill_s"] for c in group)
+                                if all("draft_prefill_s" in c for c in group) else None),
             "calls": calls / len(group),
             "tokens": statistics.mean(c["tokens"] for c in group),
             "identical_to_ar": (sum(same), len(same)) if temperature == 0 else None,
@@ -199,15 +216,16 @@ def markdown(rows: list[dict], context: dict) -> str:
              "" if "machine" not in context else
              f"{describe_device(context['machine'])}, {context['machine']['date']}", "",
              "| T | visual tokens | method | tau | DSR | ESR | draft ms/call | verify ms/call | "
-             "calls/video | identical to AR | videos |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "draft prompt s | prefill s | calls/video | identical to AR | videos |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         same = "" if r["identical_to_ar"] is None else f"{r['identical_to_ar'][0]}/{r['identical_to_ar'][1]}"
         dsr = "-" if r["dsr"] is None else f"{r['dsr']:.2f}x"
         esr = "-" if r["esr"] is None else f"{r['esr']:.2f}x"
+        draft_prompt = "-" if r.get("draft_prefill_s") is None else f"{r['draft_prefill_s']:.2f}"
         lines.append(f"| {r['temperature']:g} | {r['visual_tokens']} | {r['method']} | {r['tau']:.2f} | "
-                     f"{dsr} | {esr} | {r['draft_ms']:.1f} | {r['verify_ms']:.1f} | {r['calls']:.1f} | "
-                     f"{same} | {r['videos']} |")
+                     f"{dsr} | {esr} | {r['draft_ms']:.1f} | {r['verify_ms']:.1f} | {draft_prompt} | "
+                     f"{r['prefill_s']:.1f} | {r['calls']:.1f} | {same} | {r['videos']} |")
     return "\n".join(lines) + "\n"
 
 

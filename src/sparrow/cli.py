@@ -48,7 +48,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     options.add_decoding(serve)
     serve.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--model-name", help="model id clients send (default: the --target value)")
+    serve.add_argument("--model-name", help="model id clients send (default: the --target value's name, without its directory)")
     serve.add_argument("--media-root", action="append", default=[], metavar="DIR",
                        help="allow local video paths under DIR (repeatable; default: uploads only)")
     serve.add_argument("--api-key", default=os.environ.get("SPARROW_API_KEY"),
@@ -64,7 +64,13 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     serve.add_argument("--max-visual-tokens", type=int, default=16384)
     serve.add_argument("--max-tokens", type=int, default=1024,
                        help="the most tokens a request may ask for (and the default)")
-    serve.add_argument("--timeout", type=float, default=300.0, help="seconds per request")
+    serve.add_argument("--timeout", type=float, default=300.0,
+                       help="seconds per request, from its first byte to its last token (default 300)")
+    serve.add_argument("--max-preprocess", type=int, default=2,
+                       help="requests decoding their video at once; the rest wait (default 2)")
+    serve.add_argument("--max-video-pixels", type=int, default=4096 * 2160,
+                       help="largest frame (width x height) accepted, read from the container before "
+                            "decoding (default 4096x2160 = 8847360)")
     serve.add_argument("--max-upload-mb", type=float, default=64.0, help="request body limit")
 
     chat = sub.add_parser("chat", help="chat about a video in the terminal (questions on stdin)")
@@ -86,7 +92,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     bench.add_argument("--prompts", help="JSON Lines of questions and videos (targets other than "
                        "the reference)")
     bench.add_argument("--temperatures", default="0", help="comma-separated (default 0)")
-    bench.add_argument("--tree", default="auto", help=options.TREE_HELP)
+    bench.add_argument("--tree", default="auto", help=options.TREE_HELP + "; several, comma-separated "
+                       "(auto,30-4-8), run every draft with each, as method draft@tree")
     bench.add_argument("--max-new-tokens", type=int, default=128, help="answer length limit (default 128)")
     bench.add_argument("--out", required=True, help="results directory (resumed if it holds cells)")
 
@@ -164,7 +171,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for root in args.media_root:
         if not os.path.isdir(root):
             raise ConfigError(f"--media-root {root}: not a directory")
-    for name in ("max_queue", "num_frames", "max_frames", "max_visual_tokens", "max_tokens"):
+    for name in ("max_queue", "num_frames", "max_frames", "max_visual_tokens", "max_tokens",
+                 "max_preprocess", "max_video_pixels"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
     if args.timeout <= 0 or args.max_upload_mb <= 0:
@@ -173,11 +181,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ConfigError(f"--prefix-cache-mb {args.prefix_cache_mb}: must be >= 0 (0 = off)")
     target, draft, method, tree = _load_models(args)
     settings = ServeSettings(
-        model_id=args.model_name or args.target,
+        model_id=args.model_name or public_model_id(args.target),
         media_roots=[Path(root).resolve() for root in args.media_root],
         api_key=args.api_key or None, num_frames=args.num_frames, max_frames=args.max_frames,
         max_visual_tokens=args.max_visual_tokens, max_tokens=args.max_tokens,
         timeout_s=args.timeout, max_upload_bytes=int(args.max_upload_mb * 2**20),
+        max_preprocess=args.max_preprocess, max_video_pixels=args.max_video_pixels,
     )
     prefix_cache = PrefixCache(int(args.prefix_cache_mb * 2**20)) if args.prefix_cache_mb else None
     engine = Engine(target, draft, method=method, tree=tree, max_queue=args.max_queue,
@@ -186,6 +195,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
           file=sys.stderr)
     serve(create_app(engine, settings), args.host, args.port)
     return 0
+
+
+def public_model_id(target: str) -> str:
+    """The model id a server shows for `--target`: its name, never a filesystem path
+    ('reference:/runs/x/weights.safetensors' -> 'reference:weights.safetensors')."""
+    kind, sep, rest = target.partition(":")
+    if sep and "/" not in kind and "\\" not in kind:
+        return f"{kind}:{public_model_id(rest)}" if rest else target
+    return os.path.basename(os.path.normpath(target)) if ("/" in target or "\\" in target) else target
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
@@ -205,9 +223,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from sparrow import fixture
-    from sparrow.bench import cases_from_prompts, parse_lengths, run_bench
+    from sparrow.bench import cases_from_prompts, parse_lengths, parse_trees, run_bench
     from sparrow.errors import ConfigError
-    from sparrow.speculative.tree import parse_tree
     from sparrow.targets import load_target
     from sparrow.training.prompts import read_prompts
 
@@ -218,7 +235,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise ConfigError(f"--temperatures {args.temperatures}: comma-separated numbers") from error
     if any(t < 0 for t in temperatures) or args.videos < 1 or args.max_new_tokens < 1:
         raise ConfigError("--temperatures must be >= 0, --videos and --max-new-tokens >= 1")
-    parse_tree(args.tree)
+    parse_trees(args.tree)
     drafts = [fixture.resolve_draft(d) for d in args.drafts.split(",") if d]
     target = load_target(args.target, dtype=options.dtype_of(args), device=args.device)
     if args.prompts:

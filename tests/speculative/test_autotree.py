@@ -61,3 +61,21 @@ def test_auto_tree_is_lossless_and_measured_once(target, video_file, tmp_path, m
     assert files[0].read_text() == before  # the same length bucket: measured once
     costs = costs_for(target, draft, ids.shape[1])
     assert set(costs["verify_s"]) >= {1, 2, 16} and all(v > 0 for v in costs["verify_s"].values())
+
+
+def test_an_eagle_mode_draft_level_is_measured_over_a_cache_of_the_requests_length(
+        target, tmp_path, monkeypatch):
+    """An eagle-mode draft attends to every position: its level costs grow with the video, so
+    they are measured over a draft cache as long as the target's (sparrow mode: a short one)."""
+    from sparrow.speculative import autotree
+
+    monkeypatch.setenv("SPARROW_HOME", str(tmp_path))
+    draft = init_draft(target, "eagle", seed=0)
+    lengths = []
+    real = autotree._random_cache
+    monkeypatch.setattr(autotree, "_random_cache", lambda layers, length, *rest: (
+        lengths.append((layers, length)) or real(layers, length, *rest)))
+    costs_for(target, draft, 1000, "eagle")
+    costs_for(target, draft, 1000, "sparrow")
+    assert lengths == [(target.num_layers, 1024), (1, 1024), (target.num_layers, 1024), (1, 256)]
+    assert len(list((tmp_path / "costs").glob("*.json"))) == 2  # one cache file per mode

@@ -13,7 +13,8 @@ estimate only has to rank trees.
 Costs are measured on this machine, for this target and draft, at the cache length of the
 request (rounded to a power of two), and cached in $SPARROW_HOME/costs/: the target's verify
 of q tokens over a cache of that length (random keys and values: the cost does not depend on
-them) and one draft level of b rows.
+them) and one draft level of b rows over the draft's own cache: a short text cache in sparrow
+mode, a cache of the request's length in eagle mode (that draft sees every position).
 """
 
 from __future__ import annotations
@@ -64,10 +65,10 @@ def _bucket(length: int) -> int:
     return 2 ** max(8, round(math.log2(max(1, length))))
 
 
-def _cache_file(target, draft) -> Path:
+def _cache_file(target, draft, mode: str) -> Path:
     key = json.dumps([target.name, str(target.dtype), str(target.device), cpu_name(),
                       torch.get_num_threads(), draft.config.hidden_size,
-                      draft.config.draft_vocab_size or target.vocab_size])
+                      draft.config.draft_vocab_size or target.vocab_size, mode])
     name = hashlib.blake2b(key.encode(), digest_size=8).hexdigest()
     return cache_home() / "costs" / f"{name}.json"
 
@@ -83,20 +84,28 @@ def _median_time(fn, repeats: int = 3) -> float:
 
 
 @torch.no_grad()
-def measure_costs(target, draft, length: int) -> dict:
+def _random_cache(layers: int, length: int, capacity: int, heads: int, dim: int, like) -> StaticKVCache:
+    """A cache of `length` random positions (a step's cost does not depend on the values)."""
+    cache = StaticKVCache(layers, capacity)
+    for layer in cache.layers:
+        kv = torch.randn(1, heads, length, dim, device=like.device, dtype=like.dtype)
+        layer.lazy_initialization(kv, kv)
+        layer.update(kv, kv)
+    return cache
+
+
+def measure_costs(target, draft, length: int, mode: str = "sparrow") -> dict:
     """Seconds of a verify of q tokens over a `length` cache, and of a draft level of b rows
-    (its decoder layer over a short text cache and its head), on this machine."""
+    (its decoder layer and head, over a short text cache in sparrow mode or a `length` cache
+    in eagle mode), on this machine."""
     from sparrow.speculative.proposers import DraftProposer
 
     saved = target.cache, target.position_offset
-    cache = StaticKVCache(target.num_layers, length + MAX_TOTAL)
     text = target.text_config
     heads = text.num_key_value_heads
     dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    for layer in cache.layers:
-        kv = torch.randn(1, heads, length, dim, device=target.device, dtype=target.dtype)
-        layer.lazy_initialization(kv, kv)
-        layer.update(kv, kv)
+    probe = torch.empty(0, device=target.device, dtype=target.dtype)
+    cache = _random_cache(target.num_layers, length, length + MAX_TOTAL, heads, dim, probe)
     target.cache, target.position_offset = cache, 0
     verify = {}
     try:
@@ -110,12 +119,12 @@ def measure_costs(target, draft, length: int) -> dict:
             verify[q] = _median_time(step)
     finally:
         target.cache, target.position_offset = saved
+    del cache
     proposer = DraftProposer(draft, target, TreeSpec(2, 1, 1))
-    d = draft.config.hidden_size
-    context = 256
-    draft_cache = draft.new_cache(context + 16)
-    warm = torch.zeros(1, context, d, device=target.device, dtype=target.dtype)
-    draft(warm, warm, torch.arange(context)[None], draft_cache)
+    config = draft.config
+    d = config.hidden_size
+    context = length if mode == "eagle" else 256
+    draft_cache = _random_cache(1, context, context + 16, config.num_key_value_heads, config.head_dim, probe)
     rows = {}
     for b in DRAFT_ROWS:
         x = torch.randn(1, b, d, device=target.device, dtype=target.dtype)
@@ -129,13 +138,14 @@ def measure_costs(target, draft, length: int) -> dict:
     return {"length": length, "verify_s": verify, "draft_level_s": rows}
 
 
-def costs_for(target, draft, length: int) -> dict:
-    """The measured costs at `length`'s bucket, from the cache file or measured now."""
+def costs_for(target, draft, length: int, mode: str = "sparrow") -> dict:
+    """The measured costs at `length`'s bucket for a draft run in `mode`, from the cache file
+    or measured now."""
     bucket = _bucket(length)
-    path = _cache_file(target, draft)
+    path = _cache_file(target, draft, mode)
     table = json.loads(path.read_text()) if path.is_file() else {}
     if str(bucket) not in table:
-        table[str(bucket)] = measure_costs(target, draft, bucket)
+        table[str(bucket)] = measure_costs(target, draft, bucket, mode)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.partial")
         tmp.write_text(json.dumps(table, indent=1))

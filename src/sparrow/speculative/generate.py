@@ -35,8 +35,9 @@ DEFAULT_MAX_NEW_TOKENS = 256
 class Timings:
     prefill_s: float = 0.0
     decode_s: float = 0.0  # everything after the prefill: draft + verify + bookkeeping
-    draft_s: float = 0.0
+    draft_s: float = 0.0  # the draft's pass over the prompt included
     verify_s: float = 0.0
+    draft_prefill_s: float = 0.0  # the draft's pass over the prompt (all of it in eagle mode)
 
 
 @dataclass
@@ -190,7 +191,7 @@ def generate(
     )
     if auto:  # measured costs at this length, the draft's acceptance profile
         tree = FALLBACK if method == "ar" or draft is None else choose_tree(
-            draft.config.acceptance, costs_for(target, draft, target.cache_length))[0]
+            draft.config.acceptance, costs_for(target, draft, target.cache_length, method))[0]
     if proposer is None:
         proposer = _proposer(method, draft, target, tree)
     first = _pick(prefill.logits, sampling, generator)
@@ -204,7 +205,8 @@ def generate(
     if not finish:
         t = clock.now()
         proposer.start(prefill, first, capacity=max_new_tokens + capacity_tree.total_tokens)
-        timings.draft_s += clock.now() - t
+        timings.draft_prefill_s = clock.now() - t
+        timings.draft_s += timings.draft_prefill_s
     root = first
     while not finish:
         t = clock.now()

@@ -62,7 +62,7 @@ def add_commands(sub) -> dict[str, Callable[[argparse.Namespace], int]]:
         ("stage1-epochs", float, "epochs over the text-only samples first (stage 1)"),
         ("batch-size", int, "global batch (split over processes)"),
         ("held-out", float, "fraction of samples held out for the held-out tau"),
-        ("max-samples", int, "train on the first N training samples (data-size studies)"),
+        ("max-samples", int, "train on N of the training samples, drawn by key (data-size studies)"),
         ("eval-every", int, "steps between held-out tau evaluations"),
         ("checkpoint-every", int, "steps between checkpoints"),
         ("init", str, "random | target (start from the target's last layer)"),

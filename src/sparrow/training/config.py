@@ -53,7 +53,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     seed: int = 0
     held_out: float = 0.05  # fraction of samples kept out of training for held-out tau
-    max_samples: int | None = None  # train on the first N training samples (data-size studies)
+    max_samples: int | None = None  # train on N of the training samples (data-size studies; data.subset)
     eval_depth: int = 5  # chain depth of the held-out tau
     eval_every: int = 50  # steps
     checkpoint_every: int = 50  # steps

@@ -113,6 +113,16 @@ def split(samples: list[Sample], held_out: float, seed: int) -> tuple[list[Sampl
     return train, held
 
 
+def subset(samples: list[Sample], count: int | None, seed: int) -> list[Sample]:
+    """`count` of `samples` drawn by a fixed function of their keys and `seed` (all when None):
+    a smaller subset lies inside every larger one, and each mixes the data's prompt kinds as
+    the whole does (the data is stored in prompt order, text-only first)."""
+    if count is None or count >= len(samples):
+        return samples
+    chosen = sorted(samples, key=lambda s: _fraction(s.key, f"subset{seed}"))[:count]
+    return sorted(chosen, key=lambda s: s.key)
+
+
 def draft_vocabulary(samples: list[Sample], size: int) -> torch.Tensor:
     """(n,) int64, sorted: the `size` most frequent answer tokens of `samples` (ties by id),
     or all of them if the answers use fewer (n < size)."""

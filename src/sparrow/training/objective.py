@@ -111,11 +111,8 @@ def _unroll(draft, batch: Batch, frozen: Frozen, passes: int, noise: torch.Tenso
 def target_distribution(labels: torch.Tensor, frozen: Frozen) -> torch.Tensor:
     """(M, N) the target's next-token probabilities from its states `labels` (M, d), over the
     draft's vocabulary (renormalised there: the draft can only spread its mass over it)."""
-    with torch.no_grad():
-        logits = labels @ frozen.full_head.T  # (M, V)
-        if frozen.vocab is not None:
-            logits = logits[:, frozen.vocab]
-        return torch.softmax(logits.float(), dim=-1)
+    with torch.no_grad():  # `head` holds the vocabulary's rows: the other logits would be dropped
+        return torch.softmax((labels @ frozen.head.T).float(), dim=-1)  # (M, N)
 
 
 def losses(draft, batch: Batch, frozen: Frozen, config: TrainConfig, count: float,

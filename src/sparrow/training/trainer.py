@@ -31,7 +31,7 @@ from sparrow.draft.checkpoint import new_draft, save_draft
 from sparrow.draft.model import DraftConfig
 from sparrow.errors import ConfigError, DataError
 from sparrow.training.config import TrainConfig
-from sparrow.training.data import Sample, draft_vocabulary, load_dataset, split
+from sparrow.training.data import Sample, draft_vocabulary, load_dataset, split, subset
 from sparrow.training.datagen import target_fingerprint
 from sparrow.training.objective import Frozen, chain_acceptance, losses, make_batch, rank_counts
 
@@ -215,7 +215,7 @@ def train(target, data: list[str | Path], out: str | Path, config: TrainConfig,
         raise DataError(f"--mid-layer {mid_layer}: the data holds layer {dataset.mid_layer}'s states; "
                         f"regenerate it with `sparrow datagen --mid-layer {mid_layer}`")
     train_set, held = split(dataset.samples, config.held_out, config.seed)
-    train_set = train_set[:config.max_samples]  # the same held-out set whatever the size
+    train_set = subset(train_set, config.max_samples, config.seed)  # the same held-out set whatever the size
     if len(train_set) < accelerator.num_processes or config.batch_size < accelerator.num_processes:
         raise ConfigError(f"{accelerator.num_processes} processes need --batch-size and the "
                           f"training samples ({len(train_set)}) to be at least that many")
