@@ -181,7 +181,9 @@ BAD_REQUESTS = {
     "top_p 0": (400, dict(body=_chat("Hi", top_p=0))),
     "n 2": (400, dict(body=_chat("Hi", n=2))),
     "seed negative": (400, dict(body=_chat("Hi", seed=-1))),
-    "stop": (400, dict(body=_chat("Hi", stop=["\n"]))),
+    "five stops": (400, dict(body=_chat("Hi", stop=["a", "b", "c", "d", "e"]))),
+    "empty stop": (400, dict(body=_chat("Hi", stop=[""]))),
+    "stop token out of range": (400, dict(body=_chat("Hi", stop_token_ids=[10**9]))),
     "too many frames": (400, dict(body=_chat(_video("MEDIA/clip0.mp4"), num_frames=17))),
     "too many frames by fps": (400, dict(body=_chat(_video("MEDIA/long.mp4"), fps=1000))),
     "num_frames and fps": (400, dict(body=_chat(_video("MEDIA/clip0.mp4"), num_frames=2, fps=1))),
@@ -344,3 +346,35 @@ def test_follow_up_questions_reuse_the_video_prefill(server, models, media):
                             inputs, method="sparrow", draft=draft, tree=TREE,
                             max_new_tokens=MAX_TOKENS)
     assert follow_up.model_extra["sparrow"]["token_ids"] == cold.token_ids
+
+
+def test_stop_strings_and_tokens_end_the_answer_where_plain_decoding_would(server, models):
+    """A stop string spanning a token boundary and a stop token cut the speculative answer at
+    the same token as plain decoding, streamed or not; the text excludes the stop."""
+    url, _ = server
+    target, _ = models
+    tokenizer = target.tokenizer
+    full = reference(models, "Say hi.")
+    ids = full.result.token_ids
+    prefixes = [tokenizer.decode(ids[:n], skip_special_tokens=True) for n in range(len(ids) + 1)]
+    n = next(n for n in range(3, len(ids)) if prefixes[n] and len(full.text) >= len(prefixes[n]) + 2)
+    stop = full.text[len(prefixes[n]) - 1 : len(prefixes[n]) + 2]  # token n - 1's end and what follows
+    cut = full.text.index(stop)
+    ends = next(k for k in range(1, len(ids) + 1) if stop in prefixes[k])
+    api = client(url)
+    plain = api.chat.completions.create(model="tiny", max_tokens=MAX_TOKENS, stop=[stop],
+                                        messages=[{"role": "user", "content": "Say hi."}])
+    assert plain.choices[0].message.content == full.text[:cut]
+    assert plain.choices[0].finish_reason == "stop"
+    assert plain.model_extra["sparrow"]["token_ids"] == ids[:ends]
+    chunks = list(api.chat.completions.create(model="tiny", max_tokens=MAX_TOKENS, stop=stop, stream=True,
+                                              messages=[{"role": "user", "content": "Say hi."}]))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == full.text[:cut]
+    token = ids[2]
+    by_token = api.chat.completions.create(model="tiny", max_tokens=MAX_TOKENS,
+                                           extra_body={"stop_token_ids": [token]},
+                                           messages=[{"role": "user", "content": "Say hi."}])
+    first = ids.index(token)
+    assert by_token.model_extra["sparrow"]["token_ids"] == ids[:first + 1]
+    assert by_token.choices[0].message.content == tokenizer.decode(ids[:first], skip_special_tokens=True)
+    assert by_token.choices[0].finish_reason == "stop"

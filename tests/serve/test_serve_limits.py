@@ -129,3 +129,33 @@ def test_preprocessing_is_bounded_and_counts_in_the_timeout(target, monkeypatch)
         _wait_for(lambda: running[0] == 0)
     assert peak[0] == 1
     assert statuses.count(200) >= 1 and set(statuses) <= {200, 504} and 504 in statuses
+
+
+def test_a_stop_inside_a_call_of_several_tokens_ends_the_answer_at_its_token(target):
+    """Speculative decoding emits several tokens a call: the answer (text, token ids, usage)
+    ends at the token that completed the stop, as plain decoding's would."""
+    from sparrow.speculative.generate import GenerationResult
+
+    tokens = [target.tokenizer.convert_tokens_to_ids(c) for c in "abcdefghi"]
+
+    def chunked(target, input_ids, video=None, *, max_new_tokens, on_tokens=None, **_):
+        emitted, finish = [], "length"
+        for start in range(0, len(tokens), 3):  # three tokens a target call
+            emitted += tokens[start:start + 3]
+            if on_tokens(tokens[start:start + 3]):
+                finish = "stopped"
+                break
+        return GenerationResult(token_ids=emitted, method="sparrow", num_prompt_tokens=int(input_ids.shape[1]),
+                                num_visual_tokens=0, target_calls=len(emitted) // 3,
+                                accepted_lengths=[3] * (len(emitted) // 3), finish_reason=finish)
+
+    with serving(target, generate_fn=chunked) as (url, _):
+        for stop, text, kept in (("cd", "ab", 4), ("e", "abcd", 5)):
+            answer = _post(url, {**_body(max_tokens=9), "stop": stop}).json()
+            assert answer["choices"][0]["message"]["content"] == text
+            assert answer["sparrow"]["token_ids"] == tokens[:kept] and answer["usage"]["completion_tokens"] == kept
+            assert answer["choices"][0]["finish_reason"] == "stop"
+        streamed = _post(url, {**_body(max_tokens=9, stream=True), "stop": ["zz", "ef"]})
+        chunks = [json.loads(line[len("data: "):]) for line in streamed.text.split("\n\n")
+                  if line.startswith("data: {")]
+        assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"]) == "abcd"

@@ -68,3 +68,25 @@ def test_detokenizer_deltas_add_up_to_the_decoded_text(target):
     pieces = [detokenizer.add(ids[i : i + 3]) for i in range(0, len(ids), 3)]
     pieces.append(detokenizer.finish())
     assert "".join(pieces) == tokenizer.decode(ids, skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 100])
+def test_stops_cut_the_text_at_the_same_token_however_tokens_arrive(target, chunk):
+    tokenizer = target.tokenizer
+    ids = tokenizer("Hello, world! and more words here", add_special_tokens=False)["input_ids"]
+
+    def text(token_ids):
+        return tokenizer.decode(token_ids, skip_special_tokens=True)
+
+    full = text(ids)
+    stop = full[8:14]  # spans several tokens
+    first = next(n for n in range(1, len(ids) + 1) if stop in text(ids[:n]))
+    detokenizer = Detokenizer(tokenizer, [stop, "never"])
+    pieces = [detokenizer.add(ids[i : i + chunk]) for i in range(0, len(ids), chunk)]
+    pieces.append(detokenizer.finish())
+    # nothing sent is taken back: the deltas add up to the text before the stop, exactly
+    assert "".join(pieces) == full[: full.index(stop)]
+    assert detokenizer.stopped_at == first
+    by_token = Detokenizer(tokenizer, stop_token_ids=[ids[3]])
+    cut = "".join(by_token.add(ids[i : i + chunk]) for i in range(0, len(ids), chunk)) + by_token.finish()
+    assert cut == text(ids[:ids.index(ids[3])]) and by_token.stopped_at == ids.index(ids[3]) + 1

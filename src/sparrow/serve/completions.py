@@ -39,7 +39,7 @@ from sparrow.speculative.generate import GenerationResult
 if TYPE_CHECKING:  # app.py imports this module: the settings type is for annotations only
     from sparrow.serve.app import ServeSettings
 
-FINISH_REASONS = {"eos": "stop", "length": "length"}
+FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}
 MAX_JSON_DEPTH = 32  # a chat body needs 7 (body, messages, message, parts, part, video_url, url)
 POLL_S = 0.25  # how often a waiting request checks whether its client is still there
 
@@ -196,7 +196,8 @@ def submit(engine: Engine, prepared: Prepared, client: Request, settings: ServeS
     job = GenerationJob(
         input_ids=prepared.input_ids, video=prepared.video, video_key=prepared.video_key,
         max_new_tokens=prepared.max_new_tokens, sampling=prepared.sampling,
-        deadline=deadline, sink=partial(post_event, asyncio.get_running_loop(), events),
+        stops=prepared.stops, stop_token_ids=prepared.stop_token_ids, deadline=deadline,
+        sink=partial(post_event, asyncio.get_running_loop(), events),
     )
     try:
         engine.submit(job)
@@ -251,7 +252,8 @@ def terminal_error(event: tuple[str, object], timeout_s: float) -> ApiError:
 
 def complete_json(flight: InFlight, result: GenerationResult, tokenizer) -> dict:
     """The chat.completion object, with OpenAI's usage and sparrow's own fields."""
-    text = tokenizer.decode(result.token_ids, skip_special_tokens=True)
+    detokenizer = Detokenizer(tokenizer, flight.job.stops, flight.job.stop_token_ids)
+    text = detokenizer.add(result.token_ids) + detokenizer.finish()
     return {
         "id": flight.completion_id, "object": "chat.completion", "created": int(time.time()),
         "model": flight.model,
@@ -269,7 +271,7 @@ async def stream_events(flight: InFlight, first: tuple[str, object], tokenizer,
     if asked for, then `data: [DONE]`. A failure after the 200 went out (a timeout, a failed
     generation) is sent as one error event, without [DONE]: the partial answer is not
     completed."""
-    detokenizer = Detokenizer(tokenizer)
+    detokenizer = Detokenizer(tokenizer, flight.job.stops, flight.job.stop_token_ids)
     event = first
     try:
         yield chunk(flight, [_choice({"role": "assistant", "content": ""})])

@@ -20,13 +20,14 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from sparrow.draft import DraftModel
 from sparrow.errors import SparrowError
 from sparrow.serve.prefix_cache import PrefixCache
+from sparrow.serve.prompt import Detokenizer
 from sparrow.speculative.generate import generate
 from sparrow.speculative.sampling import SamplingParams
 from sparrow.speculative.tree import DEFAULT_TREE, TreeSpec, parse_tree
@@ -50,6 +51,8 @@ class GenerationJob:
     sink: Callable[[str, object], None]
     video_key: str | None = None  # sha256 of the video + frame settings (prefix-cache key)
     cancel: threading.Event = field(default_factory=threading.Event)
+    stops: tuple[str, ...] = ()  # the answer ends before the first of these strings...
+    stop_token_ids: tuple[int, ...] = ()  # ...or before one of these tokens (serve/prompt.py)
 
 
 @dataclass
@@ -135,8 +138,15 @@ class Engine:
             job.sink("timeout", None)
             return
 
+        text = Detokenizer(self.target.tokenizer, job.stops, job.stop_token_ids) \
+            if job.stops or job.stop_token_ids else None
+
         def on_tokens(tokens: list[int]) -> bool:
             job.sink("tokens", tokens)
+            if text is not None:
+                text.add(tokens)
+                if text.stopped_at is not None:
+                    return True
             return job.cancel.is_set() or time.monotonic() >= job.deadline
 
         started = time.monotonic()
@@ -151,6 +161,9 @@ class Engine:
         finally:
             self.stats.runs += 1
             self.stats.generation_s += time.monotonic() - started
+        if text is not None and text.stopped_at is not None:
+            # a call emits several tokens: the answer ends at the one that completed the stop
+            result = replace(result, token_ids=result.token_ids[:text.stopped_at], finish_reason="stop")
         if result.finish_reason == "stopped":
             if job.cancel.is_set():
                 self.stats.cancelled += 1
@@ -177,6 +190,7 @@ class Engine:
             max_new_tokens=job.max_new_tokens,
             sampling=job.sampling,
             on_tokens=on_tokens,
+            eos_token_ids=sorted(set(self.target.eos_token_ids) | set(job.stop_token_ids)),
             **extra,
         )
         if caching:

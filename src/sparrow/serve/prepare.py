@@ -35,6 +35,8 @@ class Prepared:
     video_key: str | None  # the prefix cache's key: video digest + frame settings
     max_new_tokens: int
     sampling: SamplingParams
+    stops: tuple[str, ...] = ()  # the answer ends before the first of these strings
+    stop_token_ids: tuple[int, ...] = ()  # ...or before one of these tokens
 
 
 def prepare_request(req: ChatCompletionRequest, target: TargetAdapter,
@@ -57,7 +59,24 @@ def prepare_request(req: ChatCompletionRequest, target: TargetAdapter,
     given = {"temperature": req.temperature, "top_p": req.top_p, "top_k": req.top_k,
              "seed": req.seed}  # the rest keep sparrow's defaults (greedy), as on the CLI
     sampling = replace(GREEDY, **{name: value for name, value in given.items() if value is not None})
-    return Prepared(input_ids, video, video_key, max_new_tokens, sampling)
+    stops, stop_token_ids = _stops(req, target)
+    return Prepared(input_ids, video, video_key, max_new_tokens, sampling, stops, stop_token_ids)
+
+
+MAX_STOPS = 4  # OpenAI's limit
+MAX_STOP_CHARS = 256
+
+
+def _stops(req: ChatCompletionRequest, target: TargetAdapter) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    if len(stops) > MAX_STOPS or any(not stop or len(stop) > MAX_STOP_CHARS for stop in stops):
+        raise ApiError(400, f"stop: at most {MAX_STOPS} non-empty strings of at most "
+                            f"{MAX_STOP_CHARS} characters", param="stop")
+    ids = list(req.stop_token_ids or [])
+    if len(ids) > 64 or any(not 0 <= token < target.vocab_size for token in ids):
+        raise ApiError(400, f"stop_token_ids: at most 64 token ids in [0, {target.vocab_size})",
+                       param="stop_token_ids")
+    return tuple(stops), tuple(ids)
 
 
 def _check_options(req: ChatCompletionRequest, settings: ServeSettings) -> tuple[int, int | None]:
@@ -65,8 +84,6 @@ def _check_options(req: ChatCompletionRequest, settings: ServeSettings) -> tuple
     returns (max_new_tokens, num_frames), num_frames None when the request samples by fps."""
     if req.n not in (None, 1):
         raise ApiError(400, "n must be 1", param="n")
-    if req.stop:
-        raise ApiError(400, "stop sequences are not supported", param="stop")
     for name in ("presence_penalty", "frequency_penalty"):
         if getattr(req, name):
             raise ApiError(400, f"{name} is not supported (the answer is the target's own)", param=name)

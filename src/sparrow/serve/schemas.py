@@ -3,8 +3,8 @@
 Validated strictly (`max_tokens: "5"` or `true`, `stream: "yes"` are type errors, not
 coerced). Top-level fields outside this model are refused with 400, except IGNORED_FIELDS,
 which OpenAI clients send freely and which cannot change the answer; fields modelled here
-but not supported in every form (`n` > 1, `stop`, penalties, logprobs, tools) are refused by
-the request's checks (prepare.py).
+but not supported in every form (`n` > 1, penalties, logprobs, tools) are refused by the
+request's checks (prepare.py).
 """
 
 from __future__ import annotations
@@ -63,7 +63,10 @@ class ChatCompletionRequest(BaseModel):
     top_k: int | None = Field(default=None, ge=0, le=1_000_000, description="sparrow: 0 = off")
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     n: int | None = Field(default=None, ge=1, le=1, description="only 1 is supported")
-    stop: str | list[str] | None = Field(default=None, description="not supported: must be empty")
+    stop: str | list[str] | None = Field(default=None, description="up to 4 strings; the answer ends "
+                                       "before the first one")
+    stop_token_ids: list[int] | None = Field(default=None, description="sparrow (as vLLM): tokens that "
+                                             "end the answer, excluded from its text")
     presence_penalty: float | None = Field(default=None, description="not supported: 0 or absent")
     frequency_penalty: float | None = Field(default=None, description="not supported: 0 or absent")
     logprobs: bool | None = Field(default=None, description="not supported: false or absent")
