@@ -68,6 +68,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
                        help="seconds per request, from its first byte to its last token (default 300)")
     serve.add_argument("--max-preprocess", type=int, default=2,
                        help="requests decoding their video at once; the rest wait (default 2)")
+    serve.add_argument("--allowed-origins", default="",
+                       help="comma-separated browser origins allowed by CORS (default: none)")
     serve.add_argument("--max-video-pixels", type=int, default=4096 * 2160,
                        help="largest frame (width x height) accepted, read from the container before "
                             "decoding (default 4096x2160 = 8847360)")
@@ -187,6 +189,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_visual_tokens=args.max_visual_tokens, max_tokens=args.max_tokens,
         timeout_s=args.timeout, max_upload_bytes=int(args.max_upload_mb * 2**20),
         max_preprocess=args.max_preprocess, max_video_pixels=args.max_video_pixels,
+        allowed_origins=[o.strip() for o in args.allowed_origins.split(",") if o.strip()],
     )
     prefix_cache = PrefixCache(int(args.prefix_cache_mb * 2**20)) if args.prefix_cache_mb else None
     engine = Engine(target, draft, method=method, tree=tree, max_queue=args.max_queue,

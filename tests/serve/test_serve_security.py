@@ -130,3 +130,35 @@ def test_a_target_without_chat_template_takes_one_user_message():
                           {"role": "user", "content": "Again"}]):
             response = post(messages)
             assert response.status_code == 400 and "chat template" in response.json()["error"]["message"]
+
+
+def test_every_response_carries_a_request_id(target):
+    with serving(target, api_key="k") as (url, _):
+        good = {"Authorization": "Bearer k"}
+        mine = requests.get(f"{url}/v1/models", headers={**good, "X-Request-Id": "abc-123"}, timeout=10)
+        assert mine.headers["X-Request-Id"] == "abc-123"  # the client's own, echoed
+        fresh = [requests.get(f"{url}/v1/models", headers=good, timeout=10).headers["X-Request-Id"]
+                 for _ in range(2)]
+        assert fresh[0] != fresh[1] and len(fresh[0]) == 32
+        for response in (requests.get(f"{url}/v1/models", timeout=10),  # 401
+                         requests.get(f"{url}/nothing", headers=good, timeout=10),  # 404
+                         requests.get(f"{url}/v1/models", timeout=10, headers={**good, "X-Request-Id": "x" * 500})):
+            assert 0 < len(response.headers["X-Request-Id"]) <= 128
+
+
+def test_cors_preflight_is_answered_without_the_key_and_only_for_allowed_origins(target):
+    with serving(target, api_key="k", allowed_origins=["https://app.example"]) as (url, _):
+        preflight = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST",
+                     "Access-Control-Request-Headers": "authorization,content-type"}
+        answer = requests.options(f"{url}/v1/chat/completions", headers=preflight, timeout=10)
+        assert answer.status_code == 200
+        assert answer.headers["Access-Control-Allow-Origin"] == "https://app.example"
+        other = requests.options(f"{url}/v1/chat/completions", timeout=10,
+                                 headers={**preflight, "Origin": "https://evil.example"})
+        assert "Access-Control-Allow-Origin" not in other.headers
+        body = {"model": "tiny", "max_tokens": 2, "messages": [{"role": "user", "content": "Hi"}]}
+        call = requests.post(f"{url}/v1/chat/completions", json=body, timeout=60,
+                             headers={"Origin": "https://app.example", "Authorization": "Bearer k"})
+        assert call.status_code == 200 and call.headers["Access-Control-Allow-Origin"] == "https://app.example"
+        assert requests.post(f"{url}/v1/chat/completions", json=body, timeout=60,
+                             headers={"Origin": "https://app.example"}).status_code == 401  # still keyed

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import uuid
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -25,6 +26,7 @@ from functools import partial
 from pathlib import Path
 
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -52,6 +54,7 @@ class ServeSettings:
     max_upload_bytes: int = 64 * 2**20  # request body size (a base64 video is 4/3 its file)
     max_preprocess: int = 2  # requests decoding their video at once (the rest wait, in the timeout)
     max_video_pixels: int = 4096 * 2160  # a frame's width x height, read before decoding
+    allowed_origins: list[str] = field(default_factory=list)  # CORS: browser origins allowed
 
 
 def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
@@ -63,6 +66,12 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
     app.state.preprocessing = asyncio.Semaphore(settings.max_preprocess)
     if settings.api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key)
+    if settings.allowed_origins:  # added last, so outermost: a preflight never meets the key check
+        app.add_middleware(CORSMiddleware, allow_origins=settings.allowed_origins,
+                           allow_methods=["GET", "POST"], allow_headers=["Authorization", "Content-Type",
+                                                                         REQUEST_ID.decode()],
+                           expose_headers=[REQUEST_ID.decode(), "Retry-After"])
+    app.add_middleware(RequestIdMiddleware)
     app.add_exception_handler(errors.ApiError, errors.api_error_handler)
     app.add_exception_handler(StarletteHTTPException, errors.http_error_handler)
     app.add_exception_handler(RequestValidationError, errors.validation_error_handler)
@@ -142,3 +151,30 @@ class ApiKeyMiddleware:
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+REQUEST_ID = b"x-request-id"
+
+
+class RequestIdMiddleware:
+    """Every response carries `X-Request-Id`: the client's own (if it is a short printable
+    token) or a new one, so a client can match its request to the server's answer."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = dict(scope["headers"]).get(REQUEST_ID, b"")
+        ok = 0 < len(given) <= 128 and all(33 <= c < 127 for c in given)
+        request_id = given if ok else uuid.uuid4().hex.encode()
+        scope.setdefault("state", {})["request_id"] = request_id.decode()
+
+        async def send_with_id(message):
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), (REQUEST_ID, request_id)]
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
