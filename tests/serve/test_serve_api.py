@@ -10,6 +10,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import openai
 import pytest
 import requests
@@ -40,6 +41,9 @@ def media(tmp_path_factory, video_file):
         clips[seed] = path
     (root / "long.mp4").write_bytes(open(video_file(40), "rb").read())
     (root / "corrupt.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 8)
+    from PIL import Image
+
+    Image.fromarray(np.random.default_rng(3).integers(0, 255, (40, 56, 3), dtype=np.uint8)).save(root / "still.png")
     return root, clips
 
 
@@ -161,7 +165,13 @@ BAD_REQUESTS = {
     "missing model": (400, dict(body={"messages": [{"role": "user", "content": "Hi"}]})),
     "wrong model": (404, dict(body={**_chat("Hi"), "model": "gpt-9"})),
     "bad role": (400, dict(body={"model": "tiny", "messages": [{"role": "tool", "content": "x"}]})),
-    "image part": (400, dict(body=_chat([{"type": "image_url", "image_url": {"url": "x"}}]))),
+    "missing image": (400, dict(body=_chat([{"type": "image_url", "image_url": {"url": "MEDIA/x.png"}}]))),
+    "image with num_frames": (400, dict(body=_chat([{"type": "image_url", "image_url": {
+        "url": "MEDIA/still.png"}}], num_frames=2))),
+    "image url holding a video": (400, dict(body=_chat([{"type": "image_url", "image_url": {
+        "url": "data:video/mp4;base64,AAAA"}}]))),
+    "image and video": (400, dict(body=_chat(_video("MEDIA/clip0.mp4") + [
+        {"type": "image_url", "image_url": {"url": "MEDIA/still.png"}}]))),
     "audio part": (400, dict(body=_chat([{"type": "input_audio", "input_audio": {}}]))),
     "missing video": (400, dict(body=_chat(_video("MEDIA/nope.mp4")))),
     "corrupt video": (400, dict(body=_chat(_video("MEDIA/corrupt.mp4")))),
@@ -378,3 +388,20 @@ def test_stop_strings_and_tokens_end_the_answer_where_plain_decoding_would(serve
     assert by_token.model_extra["sparrow"]["token_ids"] == ids[:first + 1]
     assert by_token.choices[0].message.content == tokenizer.decode(ids[:first], skip_special_tokens=True)
     assert by_token.choices[0].finish_reason == "stop"
+
+
+def test_an_image_is_answered_as_a_one_frame_video(server, models, media):
+    """image_url parts (OpenAI's format): a data URL or a file under the media root, read as a
+    one-frame video; the answer equals sparrow.answer on the image with num_frames=1."""
+    url, _ = server
+    target, draft = models
+    still = media[0] / "still.png"
+    expected = sparrow.answer(target, "What is shown?", str(still), num_frames=1, method="sparrow",
+                              draft=draft, tree=TREE, max_new_tokens=MAX_TOKENS)
+    data = "data:image/png;base64," + base64.b64encode(still.read_bytes()).decode()
+    for reference_url in (data, str(still)):
+        response = client(url).chat.completions.create(model="tiny", max_tokens=MAX_TOKENS, messages=[
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": reference_url, "detail": "low"}},
+                                         {"type": "text", "text": "What is shown?"}]}])
+        assert response.model_extra["sparrow"]["token_ids"] == expected.result.token_ids
+        assert response.model_extra["sparrow"]["num_visual_tokens"] == expected.result.num_visual_tokens > 0

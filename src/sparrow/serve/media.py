@@ -61,23 +61,28 @@ def _within(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
 
 
+EXAMPLES = {"video": "video/mp4, video/webm, ...", "image": "image/png, image/jpeg, ..."}
+
+
 @contextmanager
-def video_file(reference: str, media_roots: list[Path], max_bytes: int):
-    """Yield (path, sha256 hex) of the video a url names; a data URL lives in a temporary
-    file for the duration of the block."""
+def video_file(reference: str, media_roots: list[Path], max_bytes: int, kind: str = "video"):
+    """Yield (path, sha256 hex) of the video (or, `kind` "image", the image) a url names; a
+    data URL lives in a temporary file for the duration of the block."""
     if reference.startswith("data:"):
         header, sep, payload = reference.partition(",")
         if not sep or not header.endswith(";base64"):
-            raise MediaError("a video data URL must look like data:video/mp4;base64,<data>")
+            raise MediaError(f"a{'n' if kind == 'image' else ''} {kind} data URL must look like "
+                             f"data:{EXAMPLES[kind].split(',')[0]};base64,<data>")
         mime = header[len("data:"):-len(";base64")]
-        if not (mime.startswith("video/") or mime in ("application/octet-stream", "")):
-            raise MediaError(f"data URL type {mime!r} is not a video (use video/mp4, video/webm, ...)")
+        if not (mime.startswith(f"{kind}/") or mime in ("application/octet-stream", "")):
+            raise MediaError(f"data URL type {mime!r} is not a{'n' if kind == 'image' else ''} {kind} "
+                             f"(use {EXAMPLES[kind]})")
         try:
             data = base64.b64decode(payload, validate=True)
         except (binascii.Error, ValueError) as error:
-            raise MediaError(f"the video data URL is not valid base64 ({error})") from error
+            raise MediaError(f"the {kind} data URL is not valid base64 ({error})") from error
         if len(data) > max_bytes:
-            raise MediaError(f"the uploaded video is over the {max_bytes} byte limit", 413)
+            raise MediaError(f"the uploaded {kind} is over the {max_bytes} byte limit", 413)
         with tempfile.TemporaryDirectory(prefix="sparrow-upload-") as tmp:
             path = Path(tmp) / "upload.video"
             path.write_bytes(data)
@@ -85,7 +90,7 @@ def video_file(reference: str, media_roots: list[Path], max_bytes: int):
         return
     if urlparse(reference).scheme not in ("", "file"):
         raise MediaError(
-            "video url must be a data: URL or a local path (file:///...); remote urls are not fetched"
+            f"{kind} url must be a data: URL or a local path (file:///...); remote urls are not fetched"
         )
     path = resolve_local(reference, media_roots)
     yield path, _file_hash(path)

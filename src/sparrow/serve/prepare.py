@@ -44,13 +44,17 @@ def prepare_request(req: ChatCompletionRequest, target: TargetAdapter,
     """Raises ApiError (the checks here), MediaError (where the video comes from) or
     SparrowError (the target refusing the prompt)."""
     max_new_tokens, num_frames = _check_options(req, settings)
-    messages, video_url = _template_messages(req)
+    messages, video_url, image = _template_messages(req)
+    if image:  # an image is a one-frame video
+        if req.num_frames is not None or req.fps is not None:
+            raise ApiError(400, "num_frames and fps apply to videos, not to an image", param="num_frames")
+        num_frames = 1
     if not getattr(target.tokenizer, "chat_template", None) and [m["role"] for m in messages] != ["user"]:
         raise ApiError(400, "this model has no chat template, so it cannot tell system, assistant "
                             "and user turns apart: send one user message", param="messages")
     video, video_key = None, None
     if video_url is not None:
-        video, video_key = _read_video(video_url, req, num_frames, target, settings)
+        video, video_key = _read_video(video_url, req, num_frames, target, settings, image)
     input_ids = render_chat(target.tokenizer, target.config, messages, video)
     context = getattr(target.config.get_text_config(), "max_position_embeddings", None)
     if context and input_ids.shape[1] + max_new_tokens > context:
@@ -106,9 +110,10 @@ def _check_options(req: ChatCompletionRequest, settings: ServeSettings) -> tuple
     return max_new_tokens, num_frames
 
 
-def _template_messages(req: ChatCompletionRequest) -> tuple[list[dict], str | None]:
-    """The messages in chat-template form, and the url of the (at most one) video part."""
-    messages, video_url = [], None
+def _template_messages(req: ChatCompletionRequest) -> tuple[list[dict], str | None, bool]:
+    """The messages in chat-template form, the url of the (at most one) video or image part,
+    and whether it is an image."""
+    messages, video_url, image = [], None, False
     for index, message in enumerate(req.messages):
         role = "system" if message.role == "developer" else message.role
         content = message.content
@@ -124,25 +129,28 @@ def _template_messages(req: ChatCompletionRequest) -> tuple[list[dict], str | No
                     parts.append({"type": "text", "text": part.text})
                     continue
                 if role != "user":
-                    raise ApiError(400, f"messages[{index}]: a video can only be in a user message",
-                                   param="messages")
+                    raise ApiError(400, f"messages[{index}]: a video or image can only be in a user "
+                                        "message", param="messages")
                 if video_url is not None:
-                    raise ApiError(400, "only one video per request is supported", param="messages")
-                video_url = part.video_url.url
+                    raise ApiError(400, "only one video or image per request is supported",
+                                   param="messages")
+                image = part.type == "image_url"
+                video_url = part.image_url.url if image else part.video_url.url
                 parts.append(VIDEO_PART)
         if role == "user":
             messages.append({"role": role, "content": parts})
         else:
             messages.append({"role": role, "content": "".join(p["text"] for p in parts)})
-    return messages, video_url
+    return messages, video_url, image
 
 
 def _read_video(video_url: str, req: ChatCompletionRequest, num_frames: int | None,
-                target: TargetAdapter, settings: ServeSettings) -> tuple[VideoInputs, str]:
-    """The video's model inputs and its prefix-cache key, within the frame and visual-token
-    limits."""
-    with video_file(video_url, settings.media_roots, settings.max_upload_bytes) as (path, digest):
-        label = "the uploaded video" if video_url.startswith("data:") else video_url
+                target: TargetAdapter, settings: ServeSettings, image: bool = False) -> tuple[VideoInputs, str]:
+    """The video's (or image's: one frame) model inputs and its prefix-cache key, within the
+    frame and visual-token limits."""
+    kind = "image" if image else "video"
+    with video_file(video_url, settings.media_roots, settings.max_upload_bytes, kind) as (path, digest):
+        label = f"the uploaded {kind}" if video_url.startswith("data:") else video_url
         try:
             info = probe_video(path)  # the container's word, before decoding anything
             if info.width * info.height > settings.max_video_pixels:

@@ -37,7 +37,18 @@ class VideoPart(BaseModel):
     video_url: VideoURL
 
 
-ContentPart = Annotated[TextPart | VideoPart, Field(discriminator="type")]
+class ImageURL(BaseModel):
+    url: str = Field(description="data:image/png;base64,... or a path under a --media-root; an "
+                                 "image is read as a one-frame video")
+    detail: Literal["auto", "low", "high"] | None = Field(default=None, description="accepted, ignored")
+
+
+class ImagePart(BaseModel):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+ContentPart = Annotated[TextPart | VideoPart | ImagePart, Field(discriminator="type")]
 
 
 class Message(BaseModel):
