@@ -37,7 +37,8 @@ def markdown(rows: list[dict], command: str) -> str:
         lines.append(f"| {r['run']} | {r['samples']} | {r['answer_tokens']:,} | {r['steps']} | "
                      f"{r['wall_min']:.1f} | {r['best_tau']:.2f} ({r['best_step']}) | {r['final_tau']:.2f} |")
     held = {r["held_out_samples"] for r in rows}
-    lines += ["", f"Held-out chain tau: greedy draft chains of depth 5 on the same {', '.join(map(str, held))} "
+    samples = ", ".join(map(str, held))
+    lines += ["", f"Held-out chain tau: greedy draft chains of depth 5 on the same {samples} "
               "held-out samples (stored states, no target call)."]
     return "\n".join(lines) + "\n"
 

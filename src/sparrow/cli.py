@@ -48,7 +48,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     options.add_decoding(serve)
     serve.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--model-name", help="model id clients send (default: the --target value's name, without its directory)")
+    serve.add_argument("--model-name", help="model id clients send (default: the --target value's "
+                       "name, without its directory)")
     serve.add_argument("--media-root", action="append", default=[], metavar="DIR",
                        help="allow local video paths under DIR (repeatable; default: uploads only)")
     serve.add_argument("--api-key", default=os.environ.get("SPARROW_API_KEY"),

@@ -43,7 +43,8 @@ def media(tmp_path_factory, video_file):
     (root / "corrupt.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 8)
     from PIL import Image
 
-    Image.fromarray(np.random.default_rng(3).integers(0, 255, (40, 56, 3), dtype=np.uint8)).save(root / "still.png")
+    pixels = np.random.default_rng(3).integers(0, 255, (40, 56, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(root / "still.png")
     return root, clips
 
 
@@ -401,7 +402,8 @@ def test_an_image_is_answered_as_a_one_frame_video(server, models, media):
     data = "data:image/png;base64," + base64.b64encode(still.read_bytes()).decode()
     for reference_url in (data, str(still)):
         response = client(url).chat.completions.create(model="tiny", max_tokens=MAX_TOKENS, messages=[
-            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": reference_url, "detail": "low"}},
+            {"role": "user", "content": [{"type": "image_url",
+                                          "image_url": {"url": reference_url, "detail": "low"}},
                                          {"type": "text", "text": "What is shown?"}]}])
         assert response.model_extra["sparrow"]["token_ids"] == expected.result.token_ids
         assert response.model_extra["sparrow"]["num_visual_tokens"] == expected.result.num_visual_tokens > 0

@@ -145,7 +145,8 @@ def test_a_stop_inside_a_call_of_several_tokens_ends_the_answer_at_its_token(tar
             if on_tokens(tokens[start:start + 3]):
                 finish = "stopped"
                 break
-        return GenerationResult(token_ids=emitted, method="sparrow", num_prompt_tokens=int(input_ids.shape[1]),
+        return GenerationResult(token_ids=emitted, method="sparrow",
+                                num_prompt_tokens=int(input_ids.shape[1]),
                                 num_visual_tokens=0, target_calls=len(emitted) // 3,
                                 accepted_lengths=[3] * (len(emitted) // 3), finish_reason=finish)
 
@@ -153,9 +154,11 @@ def test_a_stop_inside_a_call_of_several_tokens_ends_the_answer_at_its_token(tar
         for stop, text, kept in (("cd", "ab", 4), ("e", "abcd", 5)):
             answer = _post(url, {**_body(max_tokens=9), "stop": stop}).json()
             assert answer["choices"][0]["message"]["content"] == text
-            assert answer["sparrow"]["token_ids"] == tokens[:kept] and answer["usage"]["completion_tokens"] == kept
+            assert answer["sparrow"]["token_ids"] == tokens[:kept]
+            assert answer["usage"]["completion_tokens"] == kept
             assert answer["choices"][0]["finish_reason"] == "stop"
         streamed = _post(url, {**_body(max_tokens=9, stream=True), "stop": ["zz", "ef"]})
         chunks = [json.loads(line[len("data: "):]) for line in streamed.text.split("\n\n")
                   if line.startswith("data: {")]
-        assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"]) == "abcd"
+        text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+        assert text == "abcd"

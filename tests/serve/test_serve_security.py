@@ -142,7 +142,8 @@ def test_every_response_carries_a_request_id(target):
         assert fresh[0] != fresh[1] and len(fresh[0]) == 32
         for response in (requests.get(f"{url}/v1/models", timeout=10),  # 401
                          requests.get(f"{url}/nothing", headers=good, timeout=10),  # 404
-                         requests.get(f"{url}/v1/models", timeout=10, headers={**good, "X-Request-Id": "x" * 500})):
+                         requests.get(f"{url}/v1/models", timeout=10,
+                                      headers={**good, "X-Request-Id": "x" * 500})):
             assert 0 < len(response.headers["X-Request-Id"]) <= 128
 
 
@@ -162,3 +163,29 @@ def test_cors_preflight_is_answered_without_the_key_and_only_for_allowed_origins
         assert call.status_code == 200 and call.headers["Access-Control-Allow-Origin"] == "https://app.example"
         assert requests.post(f"{url}/v1/chat/completions", json=body, timeout=60,
                              headers={"Origin": "https://app.example"}).status_code == 401  # still keyed
+
+
+def test_metrics_count_what_the_server_did(target):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def scrape(url, headers):
+        text = requests.get(f"{url}/metrics", headers=headers, timeout=10).text
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for family in text_string_to_metric_families(text) for s in family.samples}
+
+    with serving(target, api_key="k") as (url, _):
+        good = {"Authorization": "Bearer k"}
+        assert requests.get(f"{url}/metrics", timeout=10).status_code == 401  # keyed like the rest
+        body = {"model": "tiny", "max_tokens": 3, "messages": [{"role": "user", "content": "Hi"}]}
+        answer = requests.post(f"{url}/v1/chat/completions", json=body, headers=good, timeout=60).json()
+        requests.post(f"{url}/v1/chat/completions", json={**body, "n": 2}, headers=good, timeout=60)  # 400
+        response = requests.get(f"{url}/metrics", headers=good, timeout=10)
+        assert response.headers["content-type"].startswith("text/plain")
+        metrics = scrape(url, good)
+        assert metrics[("sparrow_requests_total", (("outcome", "completed"),))] == 1
+        assert metrics[("sparrow_completion_tokens_total", ())] == answer["usage"]["completion_tokens"]
+        assert metrics[("sparrow_prompt_tokens_total", ())] == answer["usage"]["prompt_tokens"]
+        assert metrics[("sparrow_target_calls_total", ())] == answer["sparrow"]["target_calls"]
+        assert metrics[("sparrow_http_responses_total", (("status", "400"),))] == 1
+        assert metrics[("sparrow_http_responses_total", (("status", "401"),))] == 1
+        assert metrics[("sparrow_queue_depth", ())] == 0 and metrics[("sparrow_decode_seconds_total", ())] > 0

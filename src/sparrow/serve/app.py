@@ -2,6 +2,7 @@
 
     POST /v1/chat/completions   chat completion, streaming (SSE) or not (completions.py)
     GET  /v1/models             the one served model
+    GET  /metrics               Prometheus counters (metrics.py)
     GET  /health                liveness; with the API key (or when none is set) also the
                                 queue, counters and prefix cache
     GET  /openapi.json, /docs   the API document
@@ -17,17 +18,18 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import uuid
 import time
+import uuid
+from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 
-from fastapi import FastAPI, Request
-from fastapi.middleware.cors import CORSMiddleware
+from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -36,6 +38,7 @@ from sparrow.options import DEFAULT_NUM_FRAMES
 from sparrow.serve import errors
 from sparrow.serve.completions import RESPONSES, chat_completions
 from sparrow.serve.engine import Engine
+from sparrow.serve.metrics import StatusCounter, exposition
 from sparrow.serve.schemas import ChatCompletionRequest
 
 
@@ -71,6 +74,8 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
                            allow_methods=["GET", "POST"], allow_headers=["Authorization", "Content-Type",
                                                                          REQUEST_ID.decode()],
                            expose_headers=[REQUEST_ID.decode(), "Retry-After"])
+    app.state.statuses = Counter()
+    app.add_middleware(StatusCounter, statuses=app.state.statuses)
     app.add_middleware(RequestIdMiddleware)
     app.add_exception_handler(errors.ApiError, errors.api_error_handler)
     app.add_exception_handler(StarletteHTTPException, errors.http_error_handler)
@@ -78,6 +83,7 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
     app.add_exception_handler(Exception, errors.server_error_handler)
     app.add_api_route("/health", health, methods=["GET"])
     app.add_api_route("/v1/models", models, methods=["GET"])
+    app.add_api_route("/metrics", metrics, methods=["GET"], include_in_schema=False)
     app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"], responses=RESPONSES)
     app.openapi = partial(_openapi, app, settings.model_id)
     return app
@@ -102,6 +108,11 @@ async def health(request: Request) -> dict:
     return {"status": "ok", "model": request.app.state.settings.model_id, "method": engine.method,
             "queued": engine.queued, "busy": engine.busy, "stats": asdict(engine.stats),
             "prefix_cache": prefix_cache}
+
+
+async def metrics(request: Request) -> Response:
+    body, content_type = exposition(request.app.state.engine, request.app.state.statuses)
+    return Response(body, media_type=content_type)
 
 
 async def models(request: Request) -> dict:

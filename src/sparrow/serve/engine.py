@@ -64,6 +64,11 @@ class EngineStats:
     rejected: int = 0  # queue full
     runs: int = 0  # jobs the worker started generating
     generation_s: float = 0.0  # seconds it spent on them
+    prompt_tokens: int = 0  # of the completed ones, and what they produced:
+    completion_tokens: int = 0
+    target_calls: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
 
 
 class Engine:
@@ -172,7 +177,13 @@ class Engine:
                 self.stats.timed_out += 1
                 job.sink("timeout", None)
             return
-        self.stats.completed += 1
+        stats = self.stats
+        stats.completed += 1
+        stats.prompt_tokens += result.num_prompt_tokens
+        stats.completion_tokens += len(result.token_ids)
+        stats.target_calls += result.target_calls
+        stats.prefill_s += result.timings.prefill_s
+        stats.decode_s += result.timings.decode_s
         job.sink("done", result)
 
     def _generate(self, job: GenerationJob, on_tokens):

@@ -145,7 +145,8 @@ def _template_messages(req: ChatCompletionRequest) -> tuple[list[dict], str | No
 
 
 def _read_video(video_url: str, req: ChatCompletionRequest, num_frames: int | None,
-                target: TargetAdapter, settings: ServeSettings, image: bool = False) -> tuple[VideoInputs, str]:
+                target: TargetAdapter, settings: ServeSettings,
+                image: bool = False) -> tuple[VideoInputs, str]:
     """The video's (or image's: one frame) model inputs and its prefix-cache key, within the
     frame and visual-token limits."""
     kind = "image" if image else "video"

@@ -92,7 +92,8 @@ def probe_video(path: str | os.PathLike) -> VideoInfo:
         stream = _video_stream(container, path_str)
         width, height = stream.codec_context.width, stream.codec_context.height
         if not width or not height:
-            raise VideoError(f"{path_str} does not record its frame size; re-encode it (ffmpeg -i IN OUT.mp4)")
+            raise VideoError(f"{path_str} does not record its frame size; re-encode it "
+                             "(ffmpeg -i IN OUT.mp4)")
         fps = _frame_rate(stream, container, path_str)
         duration = None
         if stream.duration is not None and stream.time_base is not None:
