@@ -14,6 +14,7 @@ import numpy as np
 import openai
 import pytest
 import requests
+import torch
 
 import sparrow
 from sparrow.serve.prefix_cache import PrefixCache
@@ -407,3 +408,33 @@ def test_an_image_is_answered_as_a_one_frame_video(server, models, media):
                                          {"type": "text", "text": "What is shown?"}]}])
         assert response.model_extra["sparrow"]["token_ids"] == expected.result.token_ids
         assert response.model_extra["sparrow"]["num_visual_tokens"] == expected.result.num_visual_tokens > 0
+
+
+def test_plain_completions_continue_the_prompt_as_generate_does(server, models):
+    """/v1/completions: the prompt tokenized as it is, no chat template; the same tokens as
+    sparrow.generate on those ids, streamed or not; OpenAI's default of 16 tokens."""
+    url, _ = server
+    target, draft = models
+    ids = target.tokenizer("Once upon a time")["input_ids"]
+    expected = sparrow.generate(target, torch.tensor([ids]), None, method="sparrow", draft=draft, tree=TREE,
+                                max_new_tokens=MAX_TOKENS)
+    text = target.tokenizer.decode(expected.token_ids, skip_special_tokens=True)
+    api = client(url)
+    done = api.completions.create(model="tiny", prompt="Once upon a time", max_tokens=MAX_TOKENS)
+    assert done.object == "text_completion" and done.id.startswith("cmpl-")
+    assert done.choices[0].text == text and done.model_extra["sparrow"]["token_ids"] == expected.token_ids
+    assert done.usage.prompt_tokens == len(ids)
+    streamed = list(api.completions.create(model="tiny", prompt=["Once upon a time"], max_tokens=MAX_TOKENS,
+                                           stream=True))
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == text
+    assert api.completions.create(model="tiny", prompt="Hi").usage.completion_tokens <= 16
+
+
+@pytest.mark.parametrize("extra", [{"prompt": []}, {"prompt": ["a", "b"]}, {"prompt": ""}, {"echo": True},
+                                   {"logprobs": 2}, {"suffix": "x"}, {"best_of": 2}, {"messages": []},
+                                   {"max_tokens": "5"}])
+def test_bad_plain_completions_get_a_400(server, extra):
+    url, _ = server
+    body = {"model": "tiny", "prompt": "Hi", "max_tokens": 2, **extra}
+    response = requests.post(f"{url}/v1/completions", json=body, timeout=60)
+    assert response.status_code == 400 and response.json()["error"]["message"]

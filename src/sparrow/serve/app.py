@@ -1,6 +1,7 @@
 """The FastAPI application: OpenAI's chat completions API over one sparrow engine.
 
     POST /v1/chat/completions   chat completion, streaming (SSE) or not (completions.py)
+    POST /v1/completions        a plain prompt continued, streaming or not (completions.py)
     GET  /v1/models             the one served model
     GET  /metrics               Prometheus counters (metrics.py)
     GET  /health                liveness; with the API key (or when none is set) also the
@@ -36,10 +37,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from sparrow import __version__
 from sparrow.options import DEFAULT_NUM_FRAMES
 from sparrow.serve import errors
-from sparrow.serve.completions import RESPONSES, chat_completions
+from sparrow.serve.completions import RESPONSES, chat_completions, completions
 from sparrow.serve.engine import Engine
 from sparrow.serve.metrics import StatusCounter, exposition
-from sparrow.serve.schemas import ChatCompletionRequest
+from sparrow.serve.schemas import ChatCompletionRequest, CompletionRequest
 
 
 @dataclass
@@ -85,6 +86,7 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
     app.add_api_route("/v1/models", models, methods=["GET"])
     app.add_api_route("/metrics", metrics, methods=["GET"], include_in_schema=False)
     app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"], responses=RESPONSES)
+    app.add_api_route("/v1/completions", completions, methods=["POST"], responses=RESPONSES)
     app.openapi = partial(_openapi, app, settings.model_id)
     return app
 
@@ -123,21 +125,23 @@ async def models(request: Request) -> dict:
 
 
 def _openapi(app: FastAPI, model_id: str) -> dict:
-    """FastAPI's document, with the chat request body (parsed by hand, for OpenAI-shaped
-    errors) described by its pydantic model; `model` lists the one served model."""
+    """FastAPI's document, with the request bodies (parsed by hand, for OpenAI-shaped errors)
+    described by their pydantic models; `model` lists the one served model."""
     if app.openapi_schema:
         return app.openapi_schema
     schema = get_openapi(title=app.title, version=app.version, description=app.description,
                          routes=app.routes)
-    body = ChatCompletionRequest.model_json_schema(ref_template="#/components/schemas/{model}")
     components = schema.setdefault("components", {}).setdefault("schemas", {})
-    components.update(body.pop("$defs", {}))
-    body["properties"]["model"]["enum"] = [model_id]
-    components["ChatCompletionRequest"] = body
-    schema["paths"]["/v1/chat/completions"]["post"]["requestBody"] = {
-        "required": True,
-        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ChatCompletionRequest"}}},
-    }
+    for path, model in (("/v1/chat/completions", ChatCompletionRequest),
+                        ("/v1/completions", CompletionRequest)):
+        body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        components.update(body.pop("$defs", {}))
+        body["properties"]["model"]["enum"] = [model_id]
+        components[model.__name__] = body
+        schema["paths"][path]["post"]["requestBody"] = {
+            "required": True,
+            "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}},
+        }
     app.openapi_schema = schema
     return schema
 

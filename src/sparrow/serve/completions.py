@@ -1,9 +1,9 @@
-"""POST /v1/chat/completions, one request from top to bottom.
+"""POST /v1/chat/completions and POST /v1/completions, one request from top to bottom.
 
-    chat_completions   read the body, check it, prepare the engine's inputs, submit the job
+    answer_request     read the body, check it, prepare the engine's inputs, submit the job
     next_event         the engine's next event for the request, or 504 / client gone
-    complete_json      the whole answer as one chat.completion (stream: false)
-    stream_events      the answer as SSE chat.completion.chunk events (stream: true)
+    complete_json      the whole answer as one chat.completion / text_completion (stream: false)
+    stream_events      the answer as SSE chat.completion.chunk / text_completion events (stream: true)
 
 The engine reports on its own thread through the job's sink; `post_event` hands each event
 to the request's asyncio queue, and the request waits on that queue while watching its
@@ -33,7 +33,7 @@ from sparrow.serve.errors import ApiError, timed_out, validation_message
 from sparrow.serve.media import MediaError
 from sparrow.serve.prepare import Prepared, prepare_request
 from sparrow.serve.prompt import Detokenizer
-from sparrow.serve.schemas import IGNORED_FIELDS, ChatCompletionRequest
+from sparrow.serve.schemas import IGNORED_FIELDS, ChatCompletionRequest, CompletionRequest, GenerationRequest
 from sparrow.speculative.generate import GenerationResult
 
 if TYPE_CHECKING:  # app.py imports this module: the settings type is for annotations only
@@ -66,23 +66,37 @@ class InFlight:
     client: Request  # polled for disconnection
     model: str  # the model id the answer is labelled with
     timeout_s: float  # for the 504's message
-    completion_id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
+    chat: bool = True  # a chat.completion, or (/v1/completions) a text_completion
+    completion_id: str = ""
     last_check: float = field(default_factory=time.monotonic)  # the last disconnection poll
 
+    def __post_init__(self):
+        self.completion_id = f"{'chatcmpl' if self.chat else 'cmpl'}-{uuid.uuid4().hex}"
 
-# No docstring: FastAPI would put it in the OpenAPI document.
+
+# No docstrings: FastAPI would put them in the OpenAPI document.
 async def chat_completions(request: Request):
+    return await answer_request(request, ChatCompletionRequest)
+
+
+async def completions(request: Request):
+    return await answer_request(request, CompletionRequest)
+
+
+async def answer_request(request: Request, schema: type[GenerationRequest]):
+    """One request of either endpoint, from its first byte to its answer (module docstring)."""
     engine: Engine = request.app.state.engine
     settings: ServeSettings = request.app.state.settings
     deadline = time.monotonic() + settings.timeout_s  # body, preprocessing, queue and answer
-    req = await read_chat_request(request, settings, deadline)
+    req = await read_request(request, settings, deadline, schema)
     try:
         prepared = await prepare(request.app.state.preprocessing, req, engine.target, settings, deadline)
     except MediaError as error:
         raise ApiError(error.status, str(error), param="messages") from error
     except SparrowError as error:
         raise ApiError(400, str(error)) from error
-    flight = submit(engine, prepared, request, settings, deadline=deadline)
+    flight = submit(engine, prepared, request, settings, deadline=deadline,
+                    chat=schema is ChatCompletionRequest)
     try:
         # A stream starts at the first event; a single answer waits for the last one.
         event = await next_event(flight)
@@ -100,8 +114,8 @@ async def chat_completions(request: Request):
                              media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
-async def read_chat_request(request: Request, settings: ServeSettings,
-                            deadline: float) -> ChatCompletionRequest:
+async def read_request(request: Request, settings: ServeSettings, deadline: float,
+                       schema: type[GenerationRequest]) -> GenerationRequest:
     """The body, read by hand rather than declared to FastAPI: the size limit and the deadline
     hold while it arrives, and each fault (too large, too slow, not JSON, too deep, not UTF-8,
     a field this server does not support, invalid, unknown model) is answered in OpenAI's
@@ -120,13 +134,13 @@ async def read_chat_request(request: Request, settings: ServeSettings,
         raise ApiError(400, f"request body is not valid JSON ({error})") from error
     check_json(data)
     if isinstance(data, dict):
-        unknown = sorted(set(data) - set(ChatCompletionRequest.model_fields) - IGNORED_FIELDS)
+        unknown = sorted(set(data) - set(schema.model_fields) - IGNORED_FIELDS)
         if unknown:
             raise ApiError(400, f"{unknown[0]} is not supported by this server (it would change "
                                 "the answer or is not an OpenAI chat field)", param=unknown[0])
         data = {name: value for name, value in data.items() if name not in IGNORED_FIELDS}
     try:
-        req = ChatCompletionRequest.model_validate(data, strict=True)
+        req = schema.model_validate(data, strict=True)
     except ValidationError as error:
         raise ApiError(400, validation_message(error.errors())) from error
     if req.model != settings.model_id:
@@ -190,7 +204,7 @@ async def prepare(slots: asyncio.Semaphore, req: ChatCompletionRequest, target,
 
 
 def submit(engine: Engine, prepared: Prepared, client: Request, settings: ServeSettings,
-           deadline: float) -> InFlight:
+           deadline: float, chat: bool = True) -> InFlight:
     """Queue the generation (429 when the queue is full)."""
     events: asyncio.Queue = asyncio.Queue()
     job = GenerationJob(
@@ -204,7 +218,7 @@ def submit(engine: Engine, prepared: Prepared, client: Request, settings: ServeS
     except QueueFull:
         raise ApiError(429, "the server's request queue is full; retry later", code="queue_full",
                        headers={"Retry-After": str(engine.retry_after_s())}) from None
-    return InFlight(job, events, client, settings.model_id, settings.timeout_s)
+    return InFlight(job, events, client, settings.model_id, settings.timeout_s, chat)
 
 
 def post_event(loop: asyncio.AbstractEventLoop, events: asyncio.Queue, kind: str, payload) -> None:
@@ -251,40 +265,43 @@ def terminal_error(event: tuple[str, object], timeout_s: float) -> ApiError:
 
 
 def complete_json(flight: InFlight, result: GenerationResult, tokenizer) -> dict:
-    """The chat.completion object, with OpenAI's usage and sparrow's own fields."""
+    """The chat.completion (or text_completion) object, with OpenAI's usage and sparrow's own
+    fields."""
     detokenizer = Detokenizer(tokenizer, flight.job.stops, flight.job.stop_token_ids)
     text = detokenizer.add(result.token_ids) + detokenizer.finish()
+    finish = FINISH_REASONS.get(result.finish_reason, "stop")
+    choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
+               "logprobs": None} if flight.chat else
+              {"index": 0, "text": text, "finish_reason": finish, "logprobs": None})
     return {
-        "id": flight.completion_id, "object": "chat.completion", "created": int(time.time()),
-        "model": flight.model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                     "finish_reason": FINISH_REASONS.get(result.finish_reason, "stop"),
-                     "logprobs": None}],
+        "id": flight.completion_id, "object": "chat.completion" if flight.chat else "text_completion",
+        "created": int(time.time()), "model": flight.model, "choices": [choice],
         "usage": _usage(result), "sparrow": _sparrow_info(result),
     }
 
 
 async def stream_events(flight: InFlight, first: tuple[str, object], tokenizer,
                         include_usage: bool) -> AsyncIterator[str]:
-    """The SSE body, starting from the engine's first event: a role chunk, a chunk per new
-    piece of text, a last chunk with the finish reason and sparrow's fields, the usage chunk
-    if asked for, then `data: [DONE]`. A failure after the 200 went out (a timeout, a failed
-    generation) is sent as one error event, without [DONE]: the partial answer is not
+    """The SSE body, starting from the engine's first event: (chat) a role chunk, a chunk per
+    new piece of text, a last chunk with the finish reason and sparrow's fields, the usage
+    chunk if asked for, then `data: [DONE]`. A failure after the 200 went out (a timeout, a
+    failed generation) is sent as one error event, without [DONE]: the partial answer is not
     completed."""
     detokenizer = Detokenizer(tokenizer, flight.job.stops, flight.job.stop_token_ids)
     event = first
     try:
-        yield chunk(flight, [_choice({"role": "assistant", "content": ""})])
+        if flight.chat:
+            yield chunk(flight, [_choice(flight, {"role": "assistant", "content": ""})])
         while True:
             kind, payload = event
             if kind == "tokens":
                 if text := detokenizer.add(payload):
-                    yield chunk(flight, [_choice({"content": text})])
+                    yield chunk(flight, [_choice(flight, text)])
             elif kind == "done":
                 if text := detokenizer.finish():
-                    yield chunk(flight, [_choice({"content": text})])
+                    yield chunk(flight, [_choice(flight, text)])
                 finish = FINISH_REASONS.get(payload.finish_reason, "stop")
-                yield chunk(flight, [_choice({}, finish)], sparrow=_sparrow_info(payload))
+                yield chunk(flight, [_choice(flight, None, finish)], sparrow=_sparrow_info(payload))
                 if include_usage:
                     yield chunk(flight, [], usage=_usage(payload))
                 yield "data: [DONE]\n\n"
@@ -304,12 +321,18 @@ async def stream_events(flight: InFlight, first: tuple[str, object], tokenizer,
 
 
 def chunk(flight: InFlight, choices: list[dict], **extra) -> str:
-    """One chat.completion.chunk event; `choices` is empty only in the usage chunk."""
-    return _sse({"id": flight.completion_id, "object": "chat.completion.chunk",
+    """One chat.completion.chunk (or text_completion) event; `choices` is empty only in the
+    usage chunk."""
+    return _sse({"id": flight.completion_id,
+                 "object": "chat.completion.chunk" if flight.chat else "text_completion",
                  "created": int(time.time()), "model": flight.model, "choices": choices, **extra})
 
 
-def _choice(delta: dict, finish: str | None = None) -> dict:
+def _choice(flight: InFlight, piece: str | dict | None, finish: str | None = None) -> dict:
+    """A streamed choice: `piece` is new text (None: none), or for chat the whole delta."""
+    if not flight.chat:
+        return {"index": 0, "text": piece or "", "finish_reason": finish, "logprobs": None}
+    delta = piece if isinstance(piece, dict) else ({} if piece is None else {"content": piece})
     return {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
 
 

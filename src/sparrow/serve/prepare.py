@@ -12,15 +12,17 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
+import torch
+
 from sparrow.errors import SparrowError
 from sparrow.serve.errors import ApiError
 from sparrow.serve.media import video_file
-from sparrow.serve.schemas import ChatCompletionRequest
+from sparrow.serve.schemas import ChatCompletionRequest, CompletionRequest, GenerationRequest
 from sparrow.speculative.sampling import GREEDY, SamplingParams
 from sparrow.targets import TargetAdapter
 from sparrow.video.io import probe_video, read_video
 from sparrow.video.processing import VideoInputs, count_visual_tokens, decode_resizer, preprocess_video
-from sparrow.video.prompt import VIDEO_PART, render_chat
+from sparrow.video.prompt import VIDEO_PART, render_chat, video_token_id
 
 if TYPE_CHECKING:  # app.py imports this module: the settings type is for annotations only
     from sparrow.serve.app import ServeSettings
@@ -39,10 +41,12 @@ class Prepared:
     stop_token_ids: tuple[int, ...] = ()  # ...or before one of these tokens
 
 
-def prepare_request(req: ChatCompletionRequest, target: TargetAdapter,
+def prepare_request(req: ChatCompletionRequest | CompletionRequest, target: TargetAdapter,
                     settings: ServeSettings) -> Prepared:
     """Raises ApiError (the checks here), MediaError (where the video comes from) or
     SparrowError (the target refusing the prompt)."""
+    if isinstance(req, CompletionRequest):
+        return _prepare_prompt(req, target, settings)
     max_new_tokens, num_frames = _check_options(req, settings)
     messages, video_url, image = _template_messages(req)
     if image:  # an image is a one-frame video
@@ -56,6 +60,38 @@ def prepare_request(req: ChatCompletionRequest, target: TargetAdapter,
     if video_url is not None:
         video, video_key = _read_video(video_url, req, num_frames, target, settings, image)
     input_ids = render_chat(target.tokenizer, target.config, messages, video)
+    return _prepared(req, target, input_ids, video, video_key, max_new_tokens)
+
+
+DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default for /v1/completions
+
+
+def _prepare_prompt(req: CompletionRequest, target: TargetAdapter, settings: ServeSettings) -> Prepared:
+    """A plain prompt, tokenized as it is (the tokenizer's own special tokens, no template)."""
+    _check_common(req)
+    for name, value, allowed in (("logprobs", req.logprobs, None), ("echo", req.echo, False),
+                                 ("suffix", req.suffix, None)):
+        if value != allowed:
+            raise ApiError(400, f"{name} is not supported", param=name)
+    prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
+    if len(prompts) != 1 or not prompts[0]:
+        raise ApiError(400, "prompt: one non-empty string (a batch of prompts is not supported)",
+                       param="prompt")
+    max_new_tokens = req.max_tokens or min(DEFAULT_COMPLETION_TOKENS, settings.max_tokens)
+    if max_new_tokens > settings.max_tokens:
+        raise ApiError(400, f"max_tokens {max_new_tokens} is over this server's limit of "
+                            f"{settings.max_tokens}", param="max_tokens")
+    ids = target.tokenizer(prompts[0])["input_ids"]
+    placeholder = video_token_id(target.config)
+    if placeholder in ids:
+        raise ApiError(400, "the prompt holds the model's video token; keep it out of the text",
+                       param="prompt")
+    return _prepared(req, target, torch.tensor([ids], dtype=torch.long), None, None, max_new_tokens)
+
+
+def _prepared(req: GenerationRequest, target: TargetAdapter, input_ids, video, video_key,
+              max_new_tokens: int) -> Prepared:
+    """The checks and settings both endpoints share: context, sampling, stops."""
     context = getattr(target.config.get_text_config(), "max_position_embeddings", None)
     if context and input_ids.shape[1] + max_new_tokens > context:
         raise ApiError(400, f"the prompt ({input_ids.shape[1]} tokens) plus max_tokens "
@@ -71,7 +107,7 @@ MAX_STOPS = 4  # OpenAI's limit
 MAX_STOP_CHARS = 256
 
 
-def _stops(req: ChatCompletionRequest, target: TargetAdapter) -> tuple[tuple[str, ...], tuple[int, ...]]:
+def _stops(req: GenerationRequest, target: TargetAdapter) -> tuple[tuple[str, ...], tuple[int, ...]]:
     stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     if len(stops) > MAX_STOPS or any(not stop or len(stop) > MAX_STOP_CHARS for stop in stops):
         raise ApiError(400, f"stop: at most {MAX_STOPS} non-empty strings of at most "
@@ -83,14 +119,18 @@ def _stops(req: ChatCompletionRequest, target: TargetAdapter) -> tuple[tuple[str
     return tuple(stops), tuple(ids)
 
 
-def _check_options(req: ChatCompletionRequest, settings: ServeSettings) -> tuple[int, int | None]:
-    """Refuse what would change the answer unasked and what is over the server's limits;
-    returns (max_new_tokens, num_frames), num_frames None when the request samples by fps."""
+def _check_common(req: GenerationRequest) -> None:
     if req.n not in (None, 1):
         raise ApiError(400, "n must be 1", param="n")
     for name in ("presence_penalty", "frequency_penalty"):
         if getattr(req, name):
             raise ApiError(400, f"{name} is not supported (the answer is the target's own)", param=name)
+
+
+def _check_options(req: ChatCompletionRequest, settings: ServeSettings) -> tuple[int, int | None]:
+    """Refuse what would change the answer unasked and what is over the server's limits;
+    returns (max_new_tokens, num_frames), num_frames None when the request samples by fps."""
+    _check_common(req)
     if req.logprobs:
         raise ApiError(400, "logprobs are not supported", param="logprobs")
     if req.tools:

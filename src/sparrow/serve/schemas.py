@@ -60,15 +60,15 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class ChatCompletionRequest(BaseModel):
+class GenerationRequest(BaseModel):
+    """The fields both endpoints share: the model, the decoding settings, the stops."""
+
     model_config = ConfigDict(extra="forbid")
 
     model: str
-    messages: list[Message] = Field(min_length=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
     max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0, le=2, description="default 0 (greedy)")
     top_p: float | None = Field(default=None, gt=0, le=1)
     top_k: int | None = Field(default=None, ge=0, le=1_000_000, description="sparrow: 0 = off")
@@ -80,10 +80,6 @@ class ChatCompletionRequest(BaseModel):
                                              "end the answer, excluded from its text")
     presence_penalty: float | None = Field(default=None, description="not supported: 0 or absent")
     frequency_penalty: float | None = Field(default=None, description="not supported: 0 or absent")
-    logprobs: bool | None = Field(default=None, description="not supported: false or absent")
-    tools: list | None = Field(default=None, description="not supported")
-    num_frames: int | None = Field(default=None, ge=1, description="sparrow: frames sampled uniformly")
-    fps: float | None = Field(default=None, gt=0, le=1000, description="sparrow: sample by rate instead")
 
     @field_validator("temperature")
     @classmethod
@@ -92,3 +88,23 @@ class ChatCompletionRequest(BaseModel):
             raise ValueError(f"{value:g} is too small to sample with: use 0 for greedy decoding "
                              f"or at least {MIN_TEMPERATURE:g}")
         return value
+
+
+class ChatCompletionRequest(GenerationRequest):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool | None = Field(default=None, description="not supported: false or absent")
+    tools: list | None = Field(default=None, description="not supported")
+    num_frames: int | None = Field(default=None, ge=1, description="sparrow: frames sampled uniformly")
+    fps: float | None = Field(default=None, gt=0, le=1000, description="sparrow: sample by rate instead")
+
+
+class CompletionRequest(GenerationRequest):
+    """POST /v1/completions: a plain prompt, continued as it is (no chat template)."""
+
+    prompt: str | list[str] = Field(description="the text to continue (a list: exactly one string)")
+    max_tokens: int | None = Field(default=None, ge=1, description="default 16, as OpenAI's")
+    logprobs: int | None = Field(default=None, description="not supported: absent")
+    echo: bool = Field(default=False, description="not supported: false")
+    suffix: str | None = Field(default=None, description="not supported: absent")
+    best_of: int | None = Field(default=None, ge=1, le=1, description="only 1 is supported")
