@@ -136,3 +136,23 @@ def test_a_trained_draft_ships_in_fp16(tiny_target, data_dir, tmp_path):
         assert torch.equal(half[key], value.half().float() if value.is_floating_point() else value), key
     assert json.loads((tmp_path / "fp16" / "config.json").read_text()) == \
         json.loads((tmp_path / "d" / "config.json").read_text())
+
+
+def test_the_held_out_tau_and_profile_measure_the_draft_as_it_decodes(tiny_target, data_dir, tmp_path,
+                                                                      monkeypatch):
+    """A sparrow-mode draft trains with its visual positions carrying layer-m* states (IVSB)
+    but decodes over the text alone (VATA): it is evaluated over the text alone."""
+    from sparrow.draft.modes import inference_visual
+    from sparrow.training import trainer
+
+    assert [inference_visual(m, v) for m, v in [("sparrow", "mid"), ("sparrow", "embed"), ("eagle", "mid"),
+                                                ("eagle", "embed"), ("eagle", "none"), ("eagle", "last")]] \
+        == ["none", "none", "mid", "embed", "last", "last"]
+    direct = []  # per evaluation batch: does it feed visual states? (only `mid`/`embed` batches do)
+    for name in ("chain_acceptance", "rank_counts"):
+        real = getattr(trainer, name)
+        monkeypatch.setattr(trainer, name, lambda draft, batch, *rest, real=real: (
+            direct.append(batch.direct is not None) or real(draft, batch, *rest)))
+    train(tiny_target, [data_dir], tmp_path / "d", preset("sparrow", **{**CONFIG, "held_out": 0.3}),
+          progress=False)
+    assert direct and not any(direct)  # held-out tau and acceptance profile: text only

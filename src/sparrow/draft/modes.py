@@ -68,6 +68,15 @@ def prefill_layers(mode: str, visual: str, mid_layer: int | None) -> tuple[int, 
     return () if layer is None else (layer,)
 
 
+def inference_visual(mode: str, visual: str) -> str:
+    """What a `visual` draft's visual positions carry when it decodes in `mode`: nothing in
+    sparrow mode (they are never fed), else what it was trained with (`none` drafts see them
+    as `last` pairs). Evaluating a draft as it decodes means batching it with this."""
+    if check_mode(mode) == "sparrow":
+        return "none"
+    return "last" if check_visual(visual) == "none" else visual
+
+
 def training_positions(visual: str, visual_mask: torch.Tensor) -> torch.Tensor:
     """(n,) int64: the positions of a training sequence the draft is fed (`visual` none drops
     the visual ones, as `sparrow` mode does at inference)."""

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from sparrow.draft.checkpoint import new_draft, save_draft
 from sparrow.draft.model import DraftConfig
+from sparrow.draft.modes import inference_visual
 from sparrow.errors import ConfigError, DataError
 from sparrow.training.config import TrainConfig
 from sparrow.training.data import Sample, draft_vocabulary, load_dataset, split, subset
@@ -111,10 +112,13 @@ def _schedule(config: TrainConfig, total: int):
 
 
 def _evaluate(model, held: list[Sample], frozen: Frozen, config: TrainConfig, accelerator) -> float:
+    """Held-out chain tau of the draft as it decodes (`inference_visual`: a sparrow-mode draft
+    sees the text only, whatever its visual positions carried in training)."""
     accepted = torch.zeros(2)
     for start in range(accelerator.process_index * config.batch_size, len(held),
                        config.batch_size * accelerator.num_processes):
-        batch = make_batch(held[start:start + config.batch_size], config.visual)
+        batch = make_batch(held[start:start + config.batch_size],
+                           inference_visual(config.mode, config.visual))
         batch = _to(batch, accelerator.device)
         a, n = chain_acceptance(model, batch, frozen, config.eval_depth)
         accepted += torch.tensor([a, n])
@@ -130,7 +134,9 @@ def acceptance_profile(draft, samples: list[Sample], frozen: Frozen, config: Tra
     """p[d][r] over `samples` (see DraftConfig.acceptance; `objective.rank_counts`)."""
     counts = torch.zeros(PROFILE_DEPTH, PROFILE_RANKS + 1)
     for start in range(0, len(samples), config.batch_size):
-        batch = _to(make_batch(samples[start:start + config.batch_size], config.visual), device)
+        batch = make_batch(samples[start:start + config.batch_size],
+                           inference_visual(config.mode, config.visual))
+        batch = _to(batch, device)
         counts += rank_counts(draft, batch, frozen, PROFILE_DEPTH, PROFILE_RANKS).cpu()
     totals = counts.sum(-1, keepdim=True).clamp(min=1)
     return [[round(float(v), 4) for v in row[:-1]] for row in counts / totals]
