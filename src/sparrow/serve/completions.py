@@ -196,7 +196,13 @@ async def prepare(slots: asyncio.Semaphore, req: ChatCompletionRequest, target,
     except TimeoutError:
         raise timed_out(settings.timeout_s) from None
     future = asyncio.get_running_loop().run_in_executor(None, prepare_request, req, target, settings)
-    future.add_done_callback(lambda done: (slots.release(), done.cancelled() or done.exception()))
+
+    def finished(done: asyncio.Future) -> None:
+        slots.release()
+        if not done.cancelled():
+            done.exception()  # retrieved: a request past its deadline no longer awaits it
+
+    future.add_done_callback(finished)
     try:
         return await asyncio.wait_for(asyncio.shield(future), max(0.0, deadline - time.monotonic()))
     except TimeoutError:

@@ -84,11 +84,12 @@ def _median_time(fn, repeats: int = 3) -> float:
 
 
 @torch.no_grad()
-def _random_cache(layers: int, length: int, capacity: int, heads: int, dim: int, like) -> StaticKVCache:
-    """A cache of `length` random positions (a step's cost does not depend on the values)."""
+def _random_cache(layers: int, length: int, capacity: int, heads: int, dim: int, target) -> StaticKVCache:
+    """A cache of `length` random positions on `target`'s device and dtype (a step's cost
+    does not depend on the values)."""
     cache = StaticKVCache(layers, capacity)
     for layer in cache.layers:
-        kv = torch.randn(1, heads, length, dim, device=like.device, dtype=like.dtype)
+        kv = torch.randn(1, heads, length, dim, device=target.device, dtype=target.dtype)
         layer.lazy_initialization(kv, kv)
         layer.update(kv, kv)
     return cache
@@ -104,8 +105,7 @@ def measure_costs(target, draft, length: int, mode: str = "sparrow") -> dict:
     text = target.text_config
     heads = text.num_key_value_heads
     dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    probe = torch.empty(0, device=target.device, dtype=target.dtype)
-    cache = _random_cache(target.num_layers, length, length + MAX_TOTAL, heads, dim, probe)
+    cache = _random_cache(target.num_layers, length, length + MAX_TOTAL, heads, dim, target)
     target.cache, target.position_offset = cache, 0
     verify = {}
     try:
@@ -124,7 +124,7 @@ def measure_costs(target, draft, length: int, mode: str = "sparrow") -> dict:
     config = draft.config
     d = config.hidden_size
     context = length if mode == "eagle" else 256
-    draft_cache = _random_cache(1, context, context + 16, config.num_key_value_heads, config.head_dim, probe)
+    draft_cache = _random_cache(1, context, context + 16, config.num_key_value_heads, config.head_dim, target)
     rows = {}
     for b in DRAFT_ROWS:
         x = torch.randn(1, b, d, device=target.device, dtype=target.dtype)
