@@ -27,6 +27,27 @@ def moving_square_frames(num_frames: int, height: int = 72, width: int = 96, see
 def reference_generate(target, input_ids, video, max_new_tokens: int, eos_token_ids) -> list[int]:
     """transformers' own greedy `generate` on the model as the user gave it: run inside
     `target.unwrapped()`, so its own attention implementation and plain linears answer."""
+    out = _transformers_generate(target, input_ids, video, max_new_tokens=max_new_tokens,
+                                 eos_token_id=list(eos_token_ids))
+    return out[0, input_ids.shape[1] :].tolist()
+
+
+def reference_logits(target, input_ids, video, tokens: list[int]) -> torch.Tensor:
+    """(len(tokens), V) float32: transformers' raw logits (`output_logits`, before any
+    processing) at each position of an answer forced to `tokens` (a sampled one, say)."""
+    start = input_ids.shape[1]
+
+    def forced(batch, ids):
+        return [tokens[len(ids) - start]]
+
+    out = _transformers_generate(target, input_ids, video, max_new_tokens=len(tokens), eos_token_id=None,
+                                 prefix_allowed_tokens_fn=forced, output_logits=True,
+                                 return_dict_in_generate=True)
+    assert out.sequences[0, start:].tolist() == tokens
+    return torch.stack([step[0] for step in out.logits]).float()
+
+
+def _transformers_generate(target, input_ids, video, **settings):
     input_ids = input_ids.to(target.device)
     kwargs = {}
     if video is not None:
@@ -40,16 +61,8 @@ def reference_generate(target, input_ids, video, max_new_tokens: int, eos_token_
         kwargs["position_ids"] = prompt_positions(input_ids, target.video_token_id(), step)[0].to(
             target.device)
     with target.unwrapped() as model:
-        out = model.generate(
-            input_ids,
-            attention_mask=torch.ones_like(input_ids),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=list(eos_token_ids),
-            pad_token_id=0,
-            **kwargs,
-        )
-    return out[0, input_ids.shape[1] :].tolist()
+        return model.generate(input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
+                              pad_token_id=0, **settings, **kwargs)
 
 
 def assert_text_answers_match(target, language_model, max_new_tokens: int = 24) -> None:

@@ -44,7 +44,7 @@ class ScriptedGenerate:
         while len(emitted) < max_new_tokens:
             time.sleep(self.step_s)
             emitted.append(self.token_id)
-            if on_tokens is not None and on_tokens([self.token_id]):
+            if on_tokens is not None and on_tokens([self.token_id], None):
                 finish = "stopped"
                 self.stopped += 1
                 break

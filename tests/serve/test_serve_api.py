@@ -191,7 +191,10 @@ BAD_REQUESTS = {
     "temperature < 0": (400, dict(body=_chat("Hi", temperature=-1))),
     "temperature string": (400, dict(body=_chat("Hi", temperature="hot"))),
     "top_p 0": (400, dict(body=_chat("Hi", top_p=0))),
-    "n 2": (400, dict(body=_chat("Hi", n=2))),
+    "n over the limit": (400, dict(body=_chat("Hi", n=17))),
+    "n 0": (400, dict(body=_chat("Hi", n=0))),
+    "top_logprobs without logprobs": (400, dict(body=_chat("Hi", top_logprobs=2))),
+    "top_logprobs 21": (400, dict(body=_chat("Hi", logprobs=True, top_logprobs=21))),
     "seed negative": (400, dict(body=_chat("Hi", seed=-1))),
     "five stops": (400, dict(body=_chat("Hi", stop=["a", "b", "c", "d", "e"]))),
     "empty stop": (400, dict(body=_chat("Hi", stop=[""]))),
@@ -431,8 +434,8 @@ def test_plain_completions_continue_the_prompt_as_generate_does(server, models):
 
 
 @pytest.mark.parametrize("extra", [{"prompt": []}, {"prompt": ["a", "b"]}, {"prompt": ""}, {"echo": True},
-                                   {"logprobs": 2}, {"suffix": "x"}, {"best_of": 2}, {"messages": []},
-                                   {"max_tokens": "5"}])
+                                   {"logprobs": 21}, {"logprobs": True}, {"suffix": "x"}, {"best_of": 2},
+                                   {"messages": []}, {"max_tokens": "5"}])
 def test_bad_plain_completions_get_a_400(server, extra):
     url, _ = server
     body = {"model": "tiny", "prompt": "Hi", "max_tokens": 2, **extra}

@@ -192,11 +192,11 @@ def test_streaming_callback_sees_every_token_in_order_and_can_stop(target):
     draft = init_draft(target, "sparrow")
     chunks: list[list[int]] = []
     result = generate(target, input_ids, method="sparrow", draft=draft, max_new_tokens=20,
-                      on_tokens=lambda tokens: chunks.append(list(tokens)))
+                      on_tokens=lambda tokens, _: chunks.append(list(tokens)))
     assert [t for chunk in chunks for t in chunk] == result.token_ids
     assert len(chunks) == result.target_calls + 1  # the prefill's token, then one per call
     stopped = generate(target, input_ids, method="sparrow", draft=draft, max_new_tokens=20,
-                       on_tokens=lambda tokens: True)
+                       on_tokens=lambda tokens, _: True)
     assert stopped.finish_reason == "stopped" and stopped.token_ids == result.token_ids[:1]
 
 

@@ -59,7 +59,7 @@ def chat(
         input_ids = render_chat(target.tokenizer, target.config, messages, video)
         detokenizer = Detokenizer(target.tokenizer)
 
-        def show(tokens: list[int], detokenizer=detokenizer) -> bool:
+        def show(tokens: list[int], _logprobs, detokenizer=detokenizer) -> bool:
             stdout.write(detokenizer.add(tokens))
             stdout.flush()
             return False

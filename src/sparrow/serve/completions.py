@@ -28,8 +28,9 @@ from fastapi.responses import Response, StreamingResponse
 from pydantic import ValidationError
 
 from sparrow.errors import SparrowError
-from sparrow.serve.engine import Engine, GenerationJob, QueueFull
+from sparrow.serve.engine import Engine, GenerationJob, Piece, QueueFull
 from sparrow.serve.errors import ApiError, timed_out, validation_message
+from sparrow.serve.logprobs import chat_logprobs, completion_logprobs
 from sparrow.serve.media import MediaError
 from sparrow.serve.prepare import Prepared, prepare_request
 from sparrow.serve.prompt import Detokenizer
@@ -68,10 +69,16 @@ class InFlight:
     timeout_s: float  # for the 504's message
     chat: bool = True  # a chat.completion, or (/v1/completions) a text_completion
     completion_id: str = ""
+    results: dict[int, GenerationResult] = field(default_factory=dict)  # the choices done
     last_check: float = field(default_factory=time.monotonic)  # the last disconnection poll
 
     def __post_init__(self):
         self.completion_id = f"{'chatcmpl' if self.chat else 'cmpl'}-{uuid.uuid4().hex}"
+
+    @property
+    def finished(self) -> bool:
+        """Every choice has its answer."""
+        return len(self.results) == self.job.n
 
 
 # No docstrings: FastAPI would put them in the OpenAPI document.
@@ -98,9 +105,9 @@ async def answer_request(request: Request, schema: type[GenerationRequest]):
     flight = submit(engine, prepared, request, settings, deadline=deadline,
                     chat=schema is ChatCompletionRequest)
     try:
-        # A stream starts at the first event; a single answer waits for the last one.
+        # A stream starts at the first event; a single answer waits for its last choice.
         event = await next_event(flight)
-        while event[0] == "tokens" and not req.stream:
+        while not req.stream and event[0] in ("tokens", "done") and not flight.finished:
             event = await next_event(flight)
     except ClientGone:
         return Response(status_code=499)
@@ -108,7 +115,7 @@ async def answer_request(request: Request, schema: type[GenerationRequest]):
         raise terminal_error(event, settings.timeout_s)
     tokenizer = engine.target.tokenizer
     if not req.stream:
-        return complete_json(flight, event[1], tokenizer)
+        return complete_json(flight, tokenizer)
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     return StreamingResponse(stream_events(flight, event, tokenizer, include_usage),
                              media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
@@ -217,6 +224,7 @@ def submit(engine: Engine, prepared: Prepared, client: Request, settings: ServeS
         input_ids=prepared.input_ids, video=prepared.video, video_key=prepared.video_key,
         max_new_tokens=prepared.max_new_tokens, sampling=prepared.sampling,
         stops=prepared.stops, stop_token_ids=prepared.stop_token_ids, deadline=deadline,
+        n=prepared.n, logprobs=prepared.logprobs,
         sink=partial(post_event, asyncio.get_running_loop(), events),
     )
     try:
@@ -251,9 +259,13 @@ async def next_event(flight: InFlight) -> tuple[str, object]:
                 flight.job.cancel.set()
                 raise ClientGone
         try:
-            return await asyncio.wait_for(flight.events.get(), min(POLL_S, deadline - now))
+            event = await asyncio.wait_for(flight.events.get(), min(POLL_S, deadline - now))
         except TimeoutError:
             continue
+        if event[0] == "done":
+            index, result = event[1]
+            flight.results[index] = result
+        return event
 
 
 def terminal_error(event: tuple[str, object], timeout_s: float) -> ApiError:
@@ -270,48 +282,77 @@ def terminal_error(event: tuple[str, object], timeout_s: float) -> ApiError:
     return ApiError(500, f"generation failed: {type(payload).__name__}")
 
 
-def complete_json(flight: InFlight, result: GenerationResult, tokenizer) -> dict:
+def complete_json(flight: InFlight, tokenizer) -> dict:
     """The chat.completion (or text_completion) object, with OpenAI's usage and sparrow's own
-    fields."""
-    detokenizer = Detokenizer(tokenizer, flight.job.stops, flight.job.stop_token_ids)
-    text = detokenizer.add(result.token_ids) + detokenizer.finish()
-    finish = FINISH_REASONS.get(result.finish_reason, "stop")
-    choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
-               "logprobs": None} if flight.chat else
-              {"index": 0, "text": text, "finish_reason": finish, "logprobs": None})
+    fields: `sparrow` describes choice 0's generation, and with n > 1 each choice carries its
+    own `sparrow` too."""
+    results = [flight.results[index] for index in range(flight.job.n)]
+    choices = []
+    for index, result in enumerate(results):
+        detokenizer = Detokenizer(tokenizer, flight.job.stops, flight.job.stop_token_ids)
+        text = detokenizer.add(result.token_ids) + detokenizer.finish()
+        logprobs = _logprobs(flight, tokenizer, result.logprobs)
+        choice = ({"index": index, "message": {"role": "assistant", "content": text}} if flight.chat
+                  else {"index": index, "text": text})
+        choice.update(finish_reason=FINISH_REASONS.get(result.finish_reason, "stop"), logprobs=logprobs)
+        if len(results) > 1:
+            choice["sparrow"] = _sparrow_info(result)
+        choices.append(choice)
     return {
         "id": flight.completion_id, "object": "chat.completion" if flight.chat else "text_completion",
-        "created": int(time.time()), "model": flight.model, "choices": [choice],
-        "usage": _usage(result), "sparrow": _sparrow_info(result),
+        "created": int(time.time()), "model": flight.model, "choices": choices,
+        "usage": _usage(results), "sparrow": _sparrow_info(results[0]),
     }
+
+
+def _logprobs(flight: InFlight, tokenizer, logprobs, offset: int = 0) -> dict | None:
+    """A choice's (or a chunk's) logprobs in the endpoint's shape; None when not asked for."""
+    if logprobs is None:
+        return None
+    if flight.chat:
+        return chat_logprobs(tokenizer, logprobs)
+    return completion_logprobs(tokenizer, logprobs, offset)
 
 
 async def stream_events(flight: InFlight, first: tuple[str, object], tokenizer,
                         include_usage: bool) -> AsyncIterator[str]:
-    """The SSE body, starting from the engine's first event: (chat) a role chunk, a chunk per
-    new piece of text, a last chunk with the finish reason and sparrow's fields, the usage
-    chunk if asked for, then `data: [DONE]`. A failure after the 200 went out (a timeout, a
-    failed generation) is sent as one error event, without [DONE]: the partial answer is not
-    completed."""
-    detokenizer = Detokenizer(tokenizer, flight.job.stops, flight.job.stop_token_ids)
+    """The SSE body, starting from the engine's first event: for each choice (chat) a role
+    chunk, a chunk per new piece of text (with its tokens' logprobs, if asked for), a last
+    chunk with the finish reason and sparrow's fields; then the usage chunk if asked for, then
+    `data: [DONE]`. Choices come one after the other, told apart by `index`. A failure after
+    the 200 went out (a timeout, a failed generation) is sent as one error event, without
+    [DONE]: the partial answer is not completed."""
+    detokenizers = [Detokenizer(tokenizer, flight.job.stops, flight.job.stop_token_ids)
+                    for _ in range(flight.job.n)]
+    offsets = [0] * flight.job.n  # /v1/completions' text_offset so far, per choice
+    started: set[int] = set()
     event = first
     try:
-        if flight.chat:
-            yield chunk(flight, [_choice(flight, {"role": "assistant", "content": ""})])
         while True:
             kind, payload = event
+            index = payload.index if kind == "tokens" else payload[0] if kind == "done" else 0
+            if kind in ("tokens", "done") and flight.chat and index not in started:
+                started.add(index)
+                yield chunk(flight, [_choice(flight, index, {"role": "assistant", "content": ""})])
             if kind == "tokens":
-                if text := detokenizer.add(payload):
-                    yield chunk(flight, [_choice(flight, text)])
+                text, logprobs = _stream_piece(detokenizers[index], payload)
+                logprobs = _logprobs(flight, tokenizer, logprobs, offsets[index])
+                if text or logprobs:
+                    yield chunk(flight, [_choice(flight, index, text, logprobs=logprobs)])
+                if logprobs and not flight.chat:
+                    offsets[index] += sum(map(len, logprobs["tokens"]))
             elif kind == "done":
-                if text := detokenizer.finish():
-                    yield chunk(flight, [_choice(flight, text)])
-                finish = FINISH_REASONS.get(payload.finish_reason, "stop")
-                yield chunk(flight, [_choice(flight, None, finish)], sparrow=_sparrow_info(payload))
-                if include_usage:
-                    yield chunk(flight, [], usage=_usage(payload))
-                yield "data: [DONE]\n\n"
-                return
+                result = payload[1]
+                if text := detokenizers[index].finish():
+                    yield chunk(flight, [_choice(flight, index, text)])
+                finish = FINISH_REASONS.get(result.finish_reason, "stop")
+                yield chunk(flight, [_choice(flight, index, None, finish)], sparrow=_sparrow_info(result))
+                if flight.finished:
+                    if include_usage:
+                        yield chunk(flight, [], usage=_usage(
+                            [flight.results[i] for i in range(flight.job.n)]))
+                    yield "data: [DONE]\n\n"
+                    return
             else:
                 yield _sse(terminal_error(event, flight.timeout_s).body())
                 return
@@ -326,6 +367,19 @@ async def stream_events(flight: InFlight, first: tuple[str, object], tokenizer,
         flight.job.cancel.set()  # the client left (or all is done): stop generating for it
 
 
+def _stream_piece(detokenizer: Detokenizer, piece: Piece) -> tuple[str, list | None]:
+    """A piece's new text and the logprobs of its tokens that belong to the answer (none
+    after a stop; the one that completed it included, as in the answer's token_ids)."""
+    if detokenizer.stopped_at is not None:
+        return "", None
+    before = len(detokenizer.token_ids)
+    text = detokenizer.add(piece.tokens)
+    if piece.logprobs is None:
+        return text, None
+    kept = len(piece.tokens) if detokenizer.stopped_at is None else detokenizer.stopped_at - before
+    return text, piece.logprobs[:kept]
+
+
 def chunk(flight: InFlight, choices: list[dict], **extra) -> str:
     """One chat.completion.chunk (or text_completion) event; `choices` is empty only in the
     usage chunk."""
@@ -334,22 +388,24 @@ def chunk(flight: InFlight, choices: list[dict], **extra) -> str:
                  "created": int(time.time()), "model": flight.model, "choices": choices, **extra})
 
 
-def _choice(flight: InFlight, piece: str | dict | None, finish: str | None = None) -> dict:
+def _choice(flight: InFlight, index: int, piece: str | dict | None, finish: str | None = None,
+            logprobs: dict | None = None) -> dict:
     """A streamed choice: `piece` is new text (None: none), or for chat the whole delta."""
     if not flight.chat:
-        return {"index": 0, "text": piece or "", "finish_reason": finish, "logprobs": None}
+        return {"index": index, "text": piece or "", "finish_reason": finish, "logprobs": logprobs}
     delta = piece if isinstance(piece, dict) else ({} if piece is None else {"content": piece})
-    return {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+    return {"index": index, "delta": delta, "finish_reason": finish, "logprobs": logprobs}
 
 
 def _sse(data: dict) -> str:
     return f"data: {json.dumps(data)}\n\n"
 
 
-def _usage(result: GenerationResult) -> dict:
-    completion = len(result.token_ids)
-    return {"prompt_tokens": result.num_prompt_tokens, "completion_tokens": completion,
-            "total_tokens": result.num_prompt_tokens + completion}
+def _usage(results: list[GenerationResult]) -> dict:
+    """The prompt once (the choices share it), the tokens of every choice."""
+    prompt, completion = results[0].num_prompt_tokens, sum(len(r.token_ids) for r in results)
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion}
 
 
 def _sparrow_info(result: GenerationResult) -> dict:

@@ -2,8 +2,11 @@
 
 The target and the draft hold one KV cache each, so generations cannot overlap: requests wait
 in arrival order (fair: first come, first served) and a full queue is refused at once (429).
-A job reports through its `sink` (called on the worker thread): ("tokens", list[int]) as each
-target call emits them, then exactly one of ("done", GenerationResult), ("timeout", None),
+A job asks for `n` answers (choices) to one prompt, generated one after the other; the second
+and later ones reuse the first one's prefilled prompt (`target.snapshot()`), and with a seed,
+choice i samples with seed + i. A job reports through its `sink` (called on the worker
+thread): ("tokens", Piece) as each target call emits tokens, ("done", (index, result)) as
+each choice ends, until all n have; or it ends early with one of ("timeout", None),
 ("cancelled", None) or ("error", exception). Setting `job.cancel` (client gone) or passing
 `job.deadline` stops the generation at its next target call.
 
@@ -28,7 +31,7 @@ from sparrow.draft import DraftModel
 from sparrow.errors import SparrowError
 from sparrow.serve.prefix_cache import PrefixCache
 from sparrow.serve.prompt import Detokenizer
-from sparrow.speculative.generate import generate
+from sparrow.speculative.generate import GenerationResult, TokenLogprob, generate
 from sparrow.speculative.sampling import SamplingParams
 from sparrow.speculative.tree import DEFAULT_TREE, TreeSpec, parse_tree
 from sparrow.targets import TargetAdapter
@@ -39,6 +42,15 @@ log = logging.getLogger("sparrow.serve")
 
 class QueueFull(Exception):
     """The request queue is at its bound."""
+
+
+@dataclass
+class Piece:
+    """Tokens one target call emitted for choice `index`, with their logprobs if asked for."""
+
+    index: int
+    tokens: list[int]
+    logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass
@@ -53,6 +65,8 @@ class GenerationJob:
     cancel: threading.Event = field(default_factory=threading.Event)
     stops: tuple[str, ...] = ()  # the answer ends before the first of these strings...
     stop_token_ids: tuple[int, ...] = ()  # ...or before one of these tokens (serve/prompt.py)
+    n: int = 1  # answers to generate (choices)
+    logprobs: int | None = None  # record each token's logprob and this many alternatives
 
 
 @dataclass
@@ -143,54 +157,69 @@ class Engine:
             job.sink("timeout", None)
             return
 
+        started = time.monotonic()
+        stats, prefix = self.stats, None
+        try:
+            for index in range(job.n):
+                result, snapshot = self._choice(job, index, prefix)
+                if result.finish_reason == "stopped":
+                    if job.cancel.is_set():
+                        stats.cancelled += 1
+                        job.sink("cancelled", None)
+                    else:
+                        stats.timed_out += 1
+                        job.sink("timeout", None)
+                    return
+                if index == 0 and job.n > 1:  # the later choices start from this prompt
+                    prefix = snapshot or self.target.snapshot()
+                stats.prompt_tokens += result.num_prompt_tokens if index == 0 else 0
+                stats.completion_tokens += len(result.token_ids)
+                stats.target_calls += result.target_calls
+                stats.prefill_s += result.timings.prefill_s
+                stats.decode_s += result.timings.decode_s
+                stats.completed += index == job.n - 1
+                job.sink("done", (index, result))
+        except Exception as error:  # reported to the client; the worker keeps serving
+            if not isinstance(error, SparrowError):
+                log.exception("generation failed")
+            stats.failed += 1
+            job.sink("error", error)
+        finally:
+            stats.runs += 1
+            stats.generation_s += time.monotonic() - started
+
+    def _choice(self, job: GenerationJob, index: int, prefix) -> tuple[GenerationResult, object]:
+        """One answer, cut at its stop (finish_reason "stopped" when cancelled or timed out),
+        and the prompt state the prefix cache stored (None if it stored none)."""
         text = Detokenizer(self.target.tokenizer, job.stops, job.stop_token_ids) \
             if job.stops or job.stop_token_ids else None
 
-        def on_tokens(tokens: list[int]) -> bool:
-            job.sink("tokens", tokens)
+        def on_tokens(tokens: list[int], logprobs: list[TokenLogprob] | None) -> bool:
+            job.sink("tokens", Piece(index, tokens, logprobs))
             if text is not None:
                 text.add(tokens)
                 if text.stopped_at is not None:
                     return True
             return job.cancel.is_set() or time.monotonic() >= job.deadline
 
-        started = time.monotonic()
-        try:
-            result = self._generate(job, on_tokens)
-        except Exception as error:  # reported to the client; the worker keeps serving
-            if not isinstance(error, SparrowError):
-                log.exception("generation failed")
-            self.stats.failed += 1
-            job.sink("error", error)
-            return
-        finally:
-            self.stats.runs += 1
-            self.stats.generation_s += time.monotonic() - started
+        sampling = job.sampling
+        if sampling.seed is not None:
+            sampling = replace(sampling, seed=sampling.seed + index)
+        result, snapshot = self._generate(job, on_tokens, sampling, prefix)
         if text is not None and text.stopped_at is not None:
             # a call emits several tokens: the answer ends at the one that completed the stop
-            result = replace(result, token_ids=result.token_ids[:text.stopped_at], finish_reason="stop")
-        if result.finish_reason == "stopped":
-            if job.cancel.is_set():
-                self.stats.cancelled += 1
-                job.sink("cancelled", None)
-            else:
-                self.stats.timed_out += 1
-                job.sink("timeout", None)
-            return
-        stats = self.stats
-        stats.completed += 1
-        stats.prompt_tokens += result.num_prompt_tokens
-        stats.completion_tokens += len(result.token_ids)
-        stats.target_calls += result.target_calls
-        stats.prefill_s += result.timings.prefill_s
-        stats.decode_s += result.timings.decode_s
-        job.sink("done", result)
+            cut = text.stopped_at
+            result = replace(result, token_ids=result.token_ids[:cut], finish_reason="stop",
+                             logprobs=None if result.logprobs is None else result.logprobs[:cut])
+        return result, snapshot
 
-    def _generate(self, job: GenerationJob, on_tokens):
-        caching = self.prefix_cache is not None and job.video_key is not None
+    def _generate(self, job: GenerationJob, on_tokens, sampling, prefix):
+        caching = prefix is None and self.prefix_cache is not None and job.video_key is not None
         extra = {}
-        if caching and (prefix := self.prefix_cache.get(job.video_key)) is not None:
+        if prefix is not None:
             extra["prefix"] = prefix
+        elif caching and (cached := self.prefix_cache.get(job.video_key)) is not None:
+            extra["prefix"] = cached
         result = self.generate_fn(
             self.target,
             job.input_ids,
@@ -199,11 +228,14 @@ class Engine:
             draft=self.draft,
             tree=self.tree,
             max_new_tokens=job.max_new_tokens,
-            sampling=job.sampling,
+            sampling=sampling,
             on_tokens=on_tokens,
+            logprobs=job.logprobs,
             eos_token_ids=sorted(set(self.target.eos_token_ids) | set(job.stop_token_ids)),
             **extra,
         )
+        snapshot = None
         if caching:
-            self.prefix_cache.put(job.video_key, self.target.snapshot())
-        return result
+            snapshot = self.target.snapshot()
+            self.prefix_cache.put(job.video_key, snapshot)
+        return result, snapshot

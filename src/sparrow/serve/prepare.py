@@ -39,6 +39,8 @@ class Prepared:
     sampling: SamplingParams
     stops: tuple[str, ...] = ()  # the answer ends before the first of these strings
     stop_token_ids: tuple[int, ...] = ()  # ...or before one of these tokens
+    n: int = 1  # answers (choices)
+    logprobs: int | None = None  # alternatives a token, when logprobs are asked for
 
 
 def prepare_request(req: ChatCompletionRequest | CompletionRequest, target: TargetAdapter,
@@ -69,8 +71,7 @@ DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default for /v1/completions
 def _prepare_prompt(req: CompletionRequest, target: TargetAdapter, settings: ServeSettings) -> Prepared:
     """A plain prompt, tokenized as it is (the tokenizer's own special tokens, no template)."""
     _check_common(req)
-    for name, value, allowed in (("logprobs", req.logprobs, None), ("echo", req.echo, False),
-                                 ("suffix", req.suffix, None)):
+    for name, value, allowed in (("echo", req.echo, False), ("suffix", req.suffix, None)):
         if value != allowed:
             raise ApiError(400, f"{name} is not supported", param=name)
     prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
@@ -100,7 +101,12 @@ def _prepared(req: GenerationRequest, target: TargetAdapter, input_ids, video, v
              "seed": req.seed}  # the rest keep sparrow's defaults (greedy), as on the CLI
     sampling = replace(GREEDY, **{name: value for name, value in given.items() if value is not None})
     stops, stop_token_ids = _stops(req, target)
-    return Prepared(input_ids, video, video_key, max_new_tokens, sampling, stops, stop_token_ids)
+    if isinstance(req, ChatCompletionRequest):
+        logprobs = (req.top_logprobs or 0) if req.logprobs else None
+    else:
+        logprobs = req.logprobs
+    return Prepared(input_ids, video, video_key, max_new_tokens, sampling, stops, stop_token_ids,
+                    n=req.n or 1, logprobs=logprobs)
 
 
 MAX_STOPS = 4  # OpenAI's limit
@@ -120,8 +126,6 @@ def _stops(req: GenerationRequest, target: TargetAdapter) -> tuple[tuple[str, ..
 
 
 def _check_common(req: GenerationRequest) -> None:
-    if req.n not in (None, 1):
-        raise ApiError(400, "n must be 1", param="n")
     for name in ("presence_penalty", "frequency_penalty"):
         if getattr(req, name):
             raise ApiError(400, f"{name} is not supported (the answer is the target's own)", param=name)
@@ -131,8 +135,8 @@ def _check_options(req: ChatCompletionRequest, settings: ServeSettings) -> tuple
     """Refuse what would change the answer unasked and what is over the server's limits;
     returns (max_new_tokens, num_frames), num_frames None when the request samples by fps."""
     _check_common(req)
-    if req.logprobs:
-        raise ApiError(400, "logprobs are not supported", param="logprobs")
+    if req.top_logprobs is not None and not req.logprobs:
+        raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
     if req.tools:
         raise ApiError(400, "tools are not supported", param="tools")
     max_new_tokens = req.max_completion_tokens or req.max_tokens or settings.max_tokens

@@ -3,7 +3,7 @@
 Validated strictly (`max_tokens: "5"` or `true`, `stream: "yes"` are type errors, not
 coerced). Top-level fields outside this model are refused with 400, except IGNORED_FIELDS,
 which OpenAI clients send freely and which cannot change the answer; fields modelled here
-but not supported in every form (`n` > 1, penalties, logprobs, tools) are refused by the
+but not supported in every form (penalties, tools, echo, suffix) are refused by the
 request's checks (prepare.py).
 """
 
@@ -13,9 +13,11 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from sparrow.speculative.generate import MAX_LOGPROBS
 from sparrow.speculative.sampling import MIN_TEMPERATURE
 
 MAX_SEED = 2**63 - 1
+MAX_CHOICES = 16  # n: answers generated one after another, each as long as max_tokens allows
 
 # Accepted and ignored: metadata about the caller or the response's storage.
 IGNORED_FIELDS = frozenset({"user", "metadata", "store", "service_tier", "safety_identifier",
@@ -73,7 +75,8 @@ class GenerationRequest(BaseModel):
     top_p: float | None = Field(default=None, gt=0, le=1)
     top_k: int | None = Field(default=None, ge=0, le=1_000_000, description="sparrow: 0 = off")
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
-    n: int | None = Field(default=None, ge=1, le=1, description="only 1 is supported")
+    n: int | None = Field(default=None, ge=1, le=MAX_CHOICES, description="answers to generate; "
+                          "with a seed, choice i samples with seed + i")
     stop: str | list[str] | None = Field(default=None, description="up to 4 strings; the answer ends "
                                        "before the first one")
     stop_token_ids: list[int] | None = Field(default=None, description="sparrow (as vLLM): tokens that "
@@ -93,7 +96,10 @@ class GenerationRequest(BaseModel):
 class ChatCompletionRequest(GenerationRequest):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    logprobs: bool | None = Field(default=None, description="not supported: false or absent")
+    logprobs: bool | None = Field(default=None, description="the target's log-probability of each "
+                                  "answer token (raw: before temperature, top-k, top-p)")
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS,
+                                     description="with logprobs: this many most likely tokens a position")
     tools: list | None = Field(default=None, description="not supported")
     num_frames: int | None = Field(default=None, ge=1, description="sparrow: frames sampled uniformly")
     fps: float | None = Field(default=None, gt=0, le=1000, description="sparrow: sample by rate instead")
@@ -104,7 +110,9 @@ class CompletionRequest(GenerationRequest):
 
     prompt: str | list[str] = Field(description="the text to continue (a list: exactly one string)")
     max_tokens: int | None = Field(default=None, ge=1, description="default 16, as OpenAI's")
-    logprobs: int | None = Field(default=None, description="not supported: absent")
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS, description="the target's "
+                                 "log-probability of each answer token and of this many most "
+                                 "likely tokens a position (raw: before temperature, top-k, top-p)")
     echo: bool = Field(default=False, description="not supported: false")
     suffix: str | None = Field(default=None, description="not supported: absent")
     best_of: int | None = Field(default=None, ge=1, le=1, description="only 1 is supported")

@@ -29,6 +29,7 @@ from sparrow.targets.base import StepOutput, TargetAdapter
 
 METHODS = ("ar", *MODES)  # plain decoding, then one method per draft mode
 DEFAULT_MAX_NEW_TOKENS = 256
+MAX_LOGPROBS = 20  # alternatives per token, as OpenAI's top_logprobs
 
 
 @dataclass
@@ -38,6 +39,27 @@ class Timings:
     draft_s: float = 0.0  # the draft's pass over the prompt included
     verify_s: float = 0.0
     draft_prefill_s: float = 0.0  # the draft's pass over the prompt (all of it in eagle mode)
+
+
+@dataclass
+class TokenLogprob:
+    """An emitted token's log-probability under the target, and the `k` most likely tokens
+    at its position with theirs, most likely first. The distribution is the target's raw one
+    (log-softmax of its logits, before temperature, top-k and top-p), whatever the sampling
+    settings: vLLM's default, and what transformers' `generate(output_logits=True)` reports."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+def token_logprobs(logits: torch.Tensor, tokens: list[int], k: int) -> list[TokenLogprob]:
+    """(n, V) logits at n positions and the n tokens emitted there -> their TokenLogprobs."""
+    logprobs = torch.log_softmax(logits[: len(tokens)].float(), dim=-1)
+    chosen = logprobs.gather(1, torch.tensor(tokens, device=logprobs.device)[:, None])[:, 0].tolist()
+    values, indices = logprobs.topk(k, dim=-1) if k else (logprobs[:, :0], logprobs[:, :0].long())
+    return [TokenLogprob(token, lp, list(zip(ids, vals, strict=True)))
+            for token, lp, ids, vals in zip(tokens, chosen, indices.tolist(), values.tolist(), strict=True)]
 
 
 @dataclass
@@ -52,6 +74,7 @@ class GenerationResult:
     timings: Timings = field(default_factory=Timings)
     draft_cache_length: int | None = None  # draft KV positions at the end (None for ar)
     tree: str = ""  # the tree drafted (what `auto` chose)
+    logprobs: list[TokenLogprob] | None = None  # one per token of token_ids, when asked for
 
     @property
     def tau(self) -> float:
@@ -149,6 +172,7 @@ def generate(
     proposer=None,
     on_tokens=None,
     prefix=None,
+    logprobs: int | None = None,
 ) -> GenerationResult:
     """Generate an answer to `input_ids` (1, L) (+ `video`, a VideoInputs) with `method`.
 
@@ -158,8 +182,12 @@ def generate(
     custom proposer's largest tree (a tree that does not fit is a ConfigError). `tree="auto"`
     picks the tree after the prefill, from costs measured on this machine at this length and
     the draft's acceptance profile (`sparrow.speculative.autotree`).
-    `on_tokens(list[int])` is called with the tokens each target call emits, as they come
-    (streaming); returning True from it stops generation (finish_reason "stopped").
+    `on_tokens(tokens, logprobs)` is called with the tokens each target call emits, as they
+    come (streaming), and their TokenLogprobs (None unless asked for); returning True from it
+    stops generation (finish_reason "stopped").
+    `logprobs=k` (0 to MAX_LOGPROBS) records each emitted token's TokenLogprob with the `k`
+    most likely alternatives: read from the logits the target computed anyway (the verify
+    forward's at the accepted path), so they are exact under speculative decoding too.
     `prefix` (a PrefixState from `target.snapshot()`) skips prefilling the part of the prompt
     it covers, video included; `target.snapshot()` after this call keeps this prompt.
     """
@@ -167,6 +195,8 @@ def generate(
         raise ConfigError(f"--method {method!r}: choose one of {', '.join(METHODS)}")
     if max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens {max_new_tokens}: must be >= 1")
+    if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
+        raise ConfigError(f"logprobs={logprobs}: give 0 to {MAX_LOGPROBS} alternatives a token")
     auto = tree == AUTO
     tree = TreeSpec.parse(tree) if isinstance(tree, str) and not auto else tree
     capacity_tree = TreeSpec(MAX_TOTAL, 1, MAX_TOTAL) if auto else tree  # room for any choice
@@ -198,8 +228,9 @@ def generate(
     timings.prefill_s = clock.now() - t0
 
     emitted, accepted_lengths = [first], []
+    recorded = None if logprobs is None else token_logprobs(prefill.logits[None], [first], logprobs)
     finish = "eos" if first in eos else ("length" if max_new_tokens == 1 else "")
-    if on_tokens is not None and on_tokens([first]) and not finish:
+    if on_tokens is not None and on_tokens([first], recorded) and not finish:
         finish = "stopped"
     t_decode = clock.now()
     if not finish:
@@ -219,7 +250,12 @@ def generate(
         before = len(emitted)
         finish = _emit(new_tokens, emitted, eos, max_new_tokens)
         accepted_lengths.append(len(emitted) - before)  # tokens cut by a stop do not count
-        if on_tokens is not None and on_tokens(emitted[before:]) and not finish:
+        new_logprobs = None
+        if logprobs is not None:  # token i of the round was chosen at node path[i]
+            new_logprobs = token_logprobs(out.logits[path.to(out.logits.device)], emitted[before:],
+                                          logprobs)
+            recorded += new_logprobs
+        if on_tokens is not None and on_tokens(emitted[before:], new_logprobs) and not finish:
             finish = "stopped"
         if finish:
             break
@@ -239,4 +275,5 @@ def generate(
         timings=timings,
         draft_cache_length=proposer.cache_length,
         tree=str(tree),
+        logprobs=recorded,
     )
