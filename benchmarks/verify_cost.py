@@ -94,7 +94,7 @@ from sparrow.runtime import native
 from sparrow.runtime.linear import available as linear_kernels_available
 from sparrow.runtime.linear import pack_linears, unpack_linears
 from sparrow.speculative.tree import ancestor_mask
-from sparrow.targets import TargetAdapter, wrap_model
+from sparrow.targets import TargetAdapter, load_target, wrap_model
 
 STEP_DECODE = "decode"
 IMPLEMENTATIONS = ("sparrow", "sparrow+mkl", "sdpa+static", "sdpa+dynamic")
@@ -659,14 +659,21 @@ def run(args: argparse.Namespace) -> dict:
         def sync():
             torch.cuda.synchronize(device)
     guard = CpuLoadGuard(args.idle_threshold, args.max_wait, enabled=on_cpu)
-    shape = TargetShape()
+    if args.target == "reference":
+        adapter = load_target("reference", device=device, dtype=dtype)
+        text = adapter.config.get_text_config()
+        shape = TargetShape(hidden=text.hidden_size, layers=text.num_hidden_layers,
+                            heads=text.num_attention_heads, kv_heads=text.num_key_value_heads,
+                            intermediate=text.intermediate_size, vocab=text.vocab_size)
+    else:
+        shape = TargetShape()
+        adapter = build_target(shape, dtype, device)
     started = time.perf_counter()
     log = print if not args.quiet else (lambda *a, **k: None)
 
     log(f"threads {torch.get_num_threads()}, device {device}, dtype {args.dtype}")
     results: dict = {"machine": machine_info(device),
                      "command": " ".join(["python", *sys.argv]), "arguments": vars(args)}
-    adapter = build_target(shape, dtype, device)
     counts = parameter_counts(adapter)
     results["target"] = {**asdict(shape), "head_dim": shape.head_dim, "dtype": args.dtype,
                          "parameters": counts}
@@ -966,6 +973,9 @@ def write_plot(results: dict, path: Path) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--target", choices=["random", "reference"], default="random",
+                        help="random: the 122M Qwen2-shaped model above; reference: sparrow's "
+                             "reference target (SmolLM2-135M with eyes, tied lm_head)")
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192, 25000])
     parser.add_argument("--tree-sizes", type=int, nargs="+", default=[16, 32, 64])
     parser.add_argument("--reps", type=int, default=9, help="timed repetitions per step")
