@@ -26,7 +26,7 @@ def reference_output(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return F.linear(F.gelu(F.linear(x, first.weight, first.bias)), last.weight)
 
 
-@pytest.mark.parametrize("shape", [(1, 48), (16, 48), (3, 7, 48), (300, 48)])
+@pytest.mark.parametrize("shape", [(1, 48), (2, 4, 48), (16, 48), (3, 7, 48), (300, 48)])
 def test_packed_forward_equals_f_linear(shape):
     model = small_model()
     x = torch.randn(*shape)
@@ -34,40 +34,45 @@ def test_packed_forward_equals_f_linear(shape):
     assert type(model[0]) is PackedLinear and isinstance(model[0], nn.Linear)
     with torch.no_grad():
         out = model(x)
-    if x.numel() == shape[-1] and native.available("linear_row"):
-        assert model[0]._packed is None  # one row: the native row kernel ran, nothing packed
+    if x.numel() <= native.LINEAR_MAX_ROWS * shape[-1] and native.available("linear_rows"):
+        assert model[0]._packed is None  # a few rows: the native kernel ran, nothing packed
     else:
         assert model[0]._packed is not None  # the packed kernel ran, not the fallback
     torch.testing.assert_close(out, reference_output(model, x), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize(("out_features", "in_features"), [
-    (768, 768), (128, 768), (48, 2048), (37, 53), (5, 19), (16, 16), (1, 1)])
+    (768, 768), (128, 768), (48, 2048), (37, 53), (5, 19), (16, 16), (1, 1), (24, 1100)])
 @pytest.mark.parametrize("bias", [True, False])
-def test_native_row_kernel_equals_f_linear(out_features, in_features, bias):
-    if not native.available("linear_row"):
+@pytest.mark.parametrize("rows", [1, 3, 8])
+def test_native_row_kernel_equals_f_linear(out_features, in_features, bias, rows):
+    """Every row as exact as torch's kernels, and each row's result the same whether it comes
+    alone or with others (the summation order does not depend on the row count)."""
+    if not native.available("linear_rows"):
         pytest.skip("no C compiler or neither AVX-512 nor AVX2: the row kernel is not used here "
                     "(see the next test)")
     g = torch.Generator().manual_seed(out_features + in_features)
     storage = torch.randn(out_features, in_features + 3, generator=g)
     weight = storage[:, :in_features]  # rows of a larger buffer: a row stride > in_features
     b = torch.randn(out_features, generator=g) if bias else None
-    x = torch.randn(1, 1, in_features, generator=g)
+    x = torch.randn(1, rows, in_features, generator=g)
     out = native.linear(x, weight, b)
-    assert out.shape == (1, 1, out_features)
+    assert out.shape == (1, rows, out_features)
     exact = F.linear(x.double(), weight.double(), None if b is None else b.double())
     torch.testing.assert_close(out.double(), exact, rtol=1e-4, atol=1e-4)  # fp32 sums of up to 2,048 terms
     torch_error = (F.linear(x, weight, b).double() - exact).abs().max()
     assert (out.double() - exact).abs().max() <= 2 * torch_error + 1e-6  # as exact as torch's kernels
+    for row in range(rows):
+        assert torch.equal(native.linear(x[:, row:row + 1].contiguous(), weight, b), out[:, row:row + 1])
 
 
 def test_native_row_kernel_declines_what_it_does_not_handle():
     weight, x = torch.randn(8, 16), torch.randn(1, 16)
-    assert native.linear(torch.randn(2, 16), weight, None) is None  # two rows
+    assert native.linear(torch.randn(native.LINEAR_MAX_ROWS + 1, 16), weight, None) is None  # too many rows
     assert native.linear(x.double(), weight.double(), None) is None
     assert native.linear(x, weight.t().contiguous().t(), None) is None  # columns not contiguous
     assert native.linear(x, weight.requires_grad_(), None) is None  # autograd
-    if not native.available("linear_row"):  # no compiler, or neither AVX-512 nor AVX2: torch's kernels
+    if not native.available("linear_rows"):  # no compiler, or neither AVX-512 nor AVX2: torch's kernels
         assert native.linear(x, weight.detach(), None) is None
 
 

@@ -79,3 +79,16 @@ def test_an_eagle_mode_draft_level_is_measured_over_a_cache_of_the_requests_leng
     costs_for(target, draft, 1000, "sparrow")
     assert lengths == [(target.num_layers, 1024), (1, 1024), (target.num_layers, 1024), (1, 256)]
     assert len(list((tmp_path / "costs").glob("*.json"))) == 2  # one cache file per mode
+
+
+def test_costs_are_measured_anew_for_other_kernels(target, tmp_path, monkeypatch):
+    """Measured costs are stored per kernel build and thresholds (`native.fingerprint`): a step
+    that runs other kernels than when they were measured is measured again, not read back."""
+    from sparrow.runtime import native
+    from sparrow.speculative import autotree
+
+    monkeypatch.setenv("SPARROW_HOME", str(tmp_path))
+    draft = init_draft(target, "sparrow", seed=0)
+    first = autotree._cache_file(target, draft, "sparrow")
+    monkeypatch.setattr(native, "fingerprint", lambda: "another-build")
+    assert autotree._cache_file(target, draft, "sparrow") != first

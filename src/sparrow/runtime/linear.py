@@ -19,9 +19,11 @@ needed. Anything else (training, another device or dtype) takes `F.linear`, as u
 If the weight changes after packing (in place, or replaced), it is packed again on next use.
 The packed copy costs as much memory as the weights it covers.
 
-One input row (an AR decode step, M = 1) goes to `native.linear` instead, a plain C pass over
-the weight's own rows, which streams the weights faster than oneDNN's packed kernel does on one
-row (docs/runtime.md). A model that only decodes never packs.
+Up to `native.LINEAR_MAX_ROWS` input rows (an AR decode step, M = 1; a verify of a tree of up
+to that many tokens) go to `native.linear` instead, a plain C pass over the weight's own rows
+that reads each weight tile once for all rows: a step over a few rows is a stream of the
+weights, which it moves faster than oneDNN's packed kernel does (docs/runtime.md). A model
+that only decodes and verifies such trees never packs.
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ class PackedLinear(nn.Linear):
             or (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad))
         ):
             return F.linear(x, weight, self.bias)
-        if x.numel() == x.shape[-1]:  # one row: the weight stream of a decode step
+        if x.numel() <= native.LINEAR_MAX_ROWS * x.shape[-1]:  # a decode step, a small verify
             y = native.linear(x, weight, self.bias)
             if y is not None:
                 return y

@@ -2,11 +2,12 @@
 
 `decode_attention` is the one-query grouped-query attention of an AR decode step over a long
 fp32 cache, `tree_attention` the attention of a tree's q tokens over it (`kernels/attention.c`
-says why and how); `linear` is a linear layer applied to one row, the weight stream of a
-decode step (`kernels/linear.c`). The C sources ship with the package; the first call compiles
-them (`cc -O3 -march=native -fopenmp`) into one library in `$SPARROW_HOME/kernels/`, named by
-a hash of the sources, the flags, the compiler and the CPU's feature flags, so a shared home
-never hands a library to a machine it was not built for. The library links the OpenMP runtime
+says why and how); `linear` is a linear layer applied to a few rows (up to LINEAR_MAX_ROWS),
+the weight stream of a decode step or a small verify (`kernels/linear.c`). The C sources ship
+with the package; the first call compiles them (`cc -O3 -march=native -fopenmp`) into one
+library in `$SPARROW_HOME/kernels/`, named by a hash of the sources, the flags, the compiler
+and the CPU's feature flags, so a shared home never hands a library to a machine it was not
+built for. The library links the OpenMP runtime
 torch has already loaded, so its threads are torch's.
 
 Without a compiler (or with SPARROW_NATIVE=0) nothing is built and callers fall back to
@@ -45,6 +46,10 @@ CHUNK = 512  # keys per work item at most: fp32 sums over at most 512 terms befo
 # the work to SDPA: each work item keeps every row's partial result, and long appended prompts
 # are better served by SDPA's own flash kernel than by (chunks x rows) partial states.
 MAX_TREE_ROWS = 1024
+# Input rows up to which `linear` streams the weights itself (the kernel takes up to 64); more
+# rows go to oneDNN's packed kernel, where the FMAs rather than the weight stream set the pace
+# (the crossover, measured by benchmarks/linear_rows.py: docs/runtime.md).
+LINEAR_MAX_ROWS = 32
 
 
 def _cpu_flags() -> str:
@@ -57,7 +62,24 @@ def _cpu_flags() -> str:
     return ""
 
 
-KERNEL_NAMES = ("decode_attention", "tree_attention", "linear_row")
+KERNEL_NAMES = ("decode_attention", "tree_attention", "linear_rows")
+
+
+def _build_key(compiler_version: str) -> str:
+    texts = [path.read_text() for path in sorted(KERNELS.glob("*.[ch]"))]
+    return hashlib.sha256("\n".join([*texts, " ".join(FLAGS), compiler_version, _cpu_flags()])
+                          .encode()).hexdigest()[:16]
+
+
+@functools.cache
+def fingerprint() -> str:
+    """What decides which kernels a step runs here: the library's build key (sources, flags,
+    compiler, CPU) and the thresholds above, or "torch" without a library. Measured step costs
+    are stored under it (`speculative.autotree`), so new kernels are measured anew."""
+    lib = library()
+    if lib is None:
+        return "torch"
+    return f"{Path(lib._name).stem}:{MIN_LENGTH}:{MAX_TREE_ROWS}:{LINEAR_MAX_ROWS}"
 
 
 @functools.cache
@@ -76,10 +98,7 @@ def library() -> ctypes.CDLL | None:
     from sparrow.home import cache_home
 
     sources = sorted(KERNELS.glob("*.c"))
-    texts = [path.read_text() for path in sorted(KERNELS.glob("*.[ch]"))]
-    key = hashlib.sha256("\n".join([*texts, " ".join(FLAGS), version, _cpu_flags()])
-                         .encode()).hexdigest()[:16]
-    target = cache_home() / "kernels" / f"sparrow-{key}.so"
+    target = cache_home() / "kernels" / f"sparrow-{_build_key(version)}.so"
     try:
         if not target.is_file():
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -105,9 +124,9 @@ def library() -> ctypes.CDLL | None:
                                    i64, i64, i64, i64, i64, ctypes.c_float, i64, ctypes.c_int]
     lib.tree_attention.restype = ctypes.c_int
     lib.tree_attention_available.restype = ctypes.c_int
-    lib.linear_row.argtypes = [ptr, ptr, i64, ptr, ptr, i64, i64, ctypes.c_int]
-    lib.linear_row.restype = None
-    lib.linear_row_available.restype = ctypes.c_int
+    lib.linear_rows.argtypes = [ptr, i64, ptr, i64, ptr, ptr, i64, i64, ctypes.c_int]
+    lib.linear_rows.restype = ctypes.c_int
+    lib.linear_rows_available.restype = ctypes.c_int
     # asked once here: `available` runs on every kernel call (each linear of a decode step)
     lib.sparrow_available = frozenset(
         kernel for kernel in KERNEL_NAMES if getattr(lib, f"{kernel}_available")())
@@ -115,7 +134,7 @@ def library() -> ctypes.CDLL | None:
 
 
 def available(kernel: str) -> bool:
-    """Whether `kernel` ("decode_attention", "tree_attention" or "linear_row") is built for this
+    """Whether `kernel` ("decode_attention", "tree_attention" or "linear_rows") is built for this
     CPU (AVX-512 for the attention kernels, AVX-512 or AVX2 for the row kernel); where not, its
     function returns None and callers keep torch's kernels."""
     if kernel not in KERNEL_NAMES:  # a misspelt name must not read as "not built here"
@@ -197,21 +216,23 @@ def tree_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
-    """`F.linear(x, weight, bias)` for x holding one row (shape (..., in) with one row in all);
+    """`F.linear(x, weight, bias)` for x holding at most LINEAR_MAX_ROWS rows (shape (..., in));
     None where the kernel does not apply (fp32 CPU tensors without autograd, weight rows
-    contiguous, x and bias contiguous) or is not built for this CPU (`available`)."""
+    contiguous, x and bias contiguous, few enough rows) or is not built for this CPU
+    (`available`)."""
     out_features, in_features = weight.shape
-    if (x.shape[-1] != in_features or x.numel() != in_features or x.device.type != "cpu"
+    rows = x.numel() // in_features if in_features else 0
+    if (x.shape[-1] != in_features or not 1 <= rows <= LINEAR_MAX_ROWS or x.device.type != "cpu"
             or weight.device.type != "cpu" or x.dtype != torch.float32
             or weight.dtype != torch.float32 or weight.stride(1) != 1 or not x.is_contiguous()
             or bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous())
             or torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                             or bias is not None and bias.requires_grad)):
         return None
-    if not available("linear_row"):
+    if not available("linear_rows"):
         return None
     y = torch.empty(*x.shape[:-1], out_features, dtype=torch.float32)
-    _call("linear", library().linear_row, (x.data_ptr(), weight.data_ptr(), weight.stride(0),
-                                     None if bias is None else bias.data_ptr(), y.data_ptr(),
-                                     out_features, in_features, torch.get_num_threads()))
+    _call("linear", library().linear_rows, (x.data_ptr(), rows, weight.data_ptr(), weight.stride(0),
+                                      None if bias is None else bias.data_ptr(), y.data_ptr(),
+                                      out_features, in_features, torch.get_num_threads()))
     return y

@@ -32,6 +32,7 @@ import torch
 
 from sparrow.home import cache_home
 from sparrow.machine import cpu_name
+from sparrow.runtime import native
 from sparrow.runtime.attention import TreeMask
 from sparrow.runtime.cache import StaticKVCache
 from sparrow.speculative.tree import TreeSpec
@@ -67,6 +68,7 @@ def _bucket(length: int) -> int:
 
 def _cache_file(target, draft, mode: str) -> Path:
     key = json.dumps([target.name, str(target.dtype), str(target.device), cpu_name(),
+                      native.fingerprint() if target.device.type == "cpu" else "",
                       torch.get_num_threads(), draft.config.hidden_size,
                       draft.config.draft_vocab_size or target.vocab_size, mode])
     name = hashlib.blake2b(key.encode(), digest_size=8).hexdigest()
