@@ -11,6 +11,9 @@ The same steps run, on the same weights and cache contents, for comparison:
 
 * ``sparrow+mkl``: the same engine path with torch's own CPU linears (`F.linear`, MKL)
   instead of the oneDNN-packed ones the engine uses (`sparrow.runtime.linear`);
+* ``sparrow+onednn``: the same engine path with the native linear kernel on one row only
+  (`native.LINEAR_MAX_ROWS = 1`, the engine before it took up to 32): every verify's linears
+  on oneDNN's packed kernel;
 
 and through transformers' own attention:
 
@@ -97,7 +100,7 @@ from sparrow.speculative.tree import ancestor_mask
 from sparrow.targets import TargetAdapter, load_target, wrap_model
 
 STEP_DECODE = "decode"
-IMPLEMENTATIONS = ("sparrow", "sparrow+mkl", "sdpa+static", "sdpa+dynamic")
+IMPLEMENTATIONS = ("sparrow", "sparrow+mkl", "sparrow+onednn", "sdpa+static", "sdpa+dynamic")
 
 
 @dataclass(frozen=True)
@@ -585,19 +588,24 @@ def sdpa_step(adapter: TargetAdapter, cache, tokens, depths, tree_mask, length: 
 
 
 class Linears:
-    """Run an implementation with the engine's packed CPU linears (the default) or, for
-    "sparrow+mkl", with torch's own (MKL) `F.linear`; packed again on exit."""
+    """Run an implementation with the engine's CPU linears (the default), or, for
+    "sparrow+mkl", with torch's own (MKL) `F.linear` (packed again on exit), or, for
+    "sparrow+onednn", with the native kernel on one row only (restored on exit)."""
 
     def __init__(self, adapter: TargetAdapter, implementation: str):
-        self.model, self.plain = adapter.model, implementation == "sparrow+mkl"
+        self.model, self.implementation = adapter.model, implementation
 
     def __enter__(self):
-        if self.plain:
+        if self.implementation == "sparrow+mkl":
             unpack_linears(self.model)
+        elif self.implementation == "sparrow+onednn":
+            self.rows, native.LINEAR_MAX_ROWS = native.LINEAR_MAX_ROWS, 1
 
     def __exit__(self, *exc):
-        if self.plain:
+        if self.implementation == "sparrow+mkl":
             pack_linears(self.model)
+        elif self.implementation == "sparrow+onednn":
+            native.LINEAR_MAX_ROWS = self.rows
 
 
 class AttentionImplementation:
@@ -622,7 +630,7 @@ def step_functions(adapter: TargetAdapter, implementation: str, length: int, q: 
         depths, mask = torch.zeros(1, dtype=torch.long), torch.ones(1, 1, dtype=torch.bool)
     else:
         _, depths, mask = tree
-    if implementation in ("sparrow", "sparrow+mkl"):  # the linears are switched by `Linears`
+    if implementation in ("sparrow", "sparrow+mkl", "sparrow+onednn"):  # linears: see `Linears`
         def run():
             logits = adapter.forward(tokens, depths, mask if q > 1 else None).logits
             adapter.truncate(length)
@@ -897,8 +905,9 @@ def write_markdown(results: dict, path: Path) -> None:
             "## Other implementations, same weights and cache contents",
             "",
             "sparrow+mkl: the same engine path with torch's own CPU linears (MKL) instead of "
-            "the oneDNN-packed ones; sdpa+static / sdpa+dynamic: transformers' sdpa attention "
-            "over our static cache / its DynamicCache.",
+            "the native / oneDNN-packed ones; sparrow+onednn: the native linear kernel on one row "
+            "only (the engine before it took up to 32), verifies on oneDNN; sdpa+static / "
+            "sdpa+dynamic: transformers' sdpa attention over our static cache / its DynamicCache.",
             "",
             "| cached tokens | step | sparrow ms | "
             + " | ".join(f"{i} ms (x sparrow)" for i in others) + " |",
@@ -934,7 +943,8 @@ def write_plot(results: dict, path: Path) -> None:
     steps = results["steps"]
     lengths = sorted({s["length"] for s in steps})
     figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    styles = {"sparrow": "-", "sparrow+mkl": (0, (5, 1)), "sdpa+static": ":", "sdpa+dynamic": "-."}
+    styles = {"sparrow": "-", "sparrow+mkl": (0, (5, 1)), "sparrow+onednn": (0, (3, 1, 1, 1)),
+              "sdpa+static": ":", "sdpa+dynamic": "-."}
     for index, length in enumerate(lengths):
         color = f"C{index}"
         ours = sorted((s for s in steps if s["length"] == length

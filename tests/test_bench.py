@@ -96,3 +96,34 @@ def test_lengths_parse(text, expected):
 def test_bad_lengths_are_refused():
     with pytest.raises(ConfigError, match="not a length"):
         parse_lengths("0.5k,lots")
+
+
+def test_anatomy_limit_standard_errors_and_the_ablation_table():
+    """other = decode - draft - verify; limit = AR's seconds per token over the method's draft +
+    verify seconds per token; standard errors over videos; the ablation table pivots drafts
+    by the preset they were trained with."""
+    from sparrow.bench import markdown
+
+    def cell(method, index, decode_s, draft_s, verify_s, tokens, calls, preset=None, length=500):
+        return {"temperature": 0.0, "length": length, "index": index, "method": method,
+                "visual_tokens": length, "tokens": tokens, "target_calls": calls, "prefill_s": 1.0,
+                "decode_s": decode_s, "draft_s": draft_s, "verify_s": verify_s,
+                "token_ids": [1] * tokens, "draft_cache_length": 8, "draft_kv_bytes": 2**20,
+                "preset": preset}
+
+    cells = [cell("ar", 0, 4.0, 0.0, 3.6, 41, 40), cell("ar", 1, 4.0, 0.0, 3.6, 41, 40),
+             cell("s", 0, 2.0, 0.5, 1.0, 41, 10, "sparrow"), cell("s", 1, 1.0, 0.2, 0.6, 41, 8, "sparrow"),
+             cell("v", 0, 2.0, 0.5, 1.0, 41, 20, "ablation-vata"),
+             cell("v", 1, 2.0, 0.5, 1.0, 41, 16, "ablation-vata")]
+    rows = {r["method"]: r for r in summarize(cells)}
+    s = rows["s"]
+    assert s["other_ms"] == pytest.approx(1000 * (0.5 + 0.2) / 18)
+    assert s["dsr"] == pytest.approx((2.0 + 4.0) / 2) and s["dsr_se"] == pytest.approx(1.0)
+    assert s["dsr_limit"] == pytest.approx(((4 / 41) / (1.5 / 41) + (4 / 41) / (0.8 / 41)) / 2)
+    assert s["achieved_of_limit"] == pytest.approx((0.75 + 0.8) / 2)
+    assert s["tau_se"] == pytest.approx(abs(40 / 10 - 40 / 8) / 2)
+    assert s["draft_kv_mb"] == pytest.approx(1.0)
+    text = markdown(list(rows.values()), {})
+    assert "| - - + | ablation-vata | 2.22 ± 0.25 |" in text  # 80 tokens / 36 calls; per video 2.0, 2.5
+    assert "| + + + | sparrow | 4.44 ± 0.50 |" in text
+    assert "| s | 4.44 / 3.00x |" in text  # the scaling table: tau / DSR by length

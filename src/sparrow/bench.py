@@ -15,6 +15,12 @@ report (`bench.json`, `bench.md`, `bench.png`) is rebuilt from the cells:
     draft, verify: milliseconds per target call (draft: its pass over the prompt at the start
              included, which in eagle mode covers every visual token); draft prompt: that
              pass alone, seconds per video (mean); calls: target calls per video (mean)
+    other    the rest of the decode phase per call (acceptance, cache bookkeeping, Python)
+    limit    the DSR the same draft and verify times would give with nothing else in the
+             loop: AR's decode seconds per token / ((draft + verify seconds) / tokens), per
+             video, median; achieved / limit = (draft + verify) / decode seconds
+    SE       standard error over videos (per-video tau and DSR): stdev / sqrt(videos)
+    draft KV the draft's KV cache at the end, MB (its positions x 2 x KV heads x head dim)
 
 Videos and prompts: for the reference target, evaluation seeds (never trained on) rendered
 with as many frames as fit each length, asked "Describe the video in detail."; for other
@@ -149,6 +155,8 @@ def run_bench(target, cases: list[Case], drafts: list[str], out: str | Path, *, 
                       "tau": result.tau, "prefill_s": prefill_s, "decode_s": t.decode_s,
                       "draft_s": t.draft_s, "verify_s": t.verify_s, "draft_prefill_s": t.draft_prefill_s,
                       "draft_cache_length": result.draft_cache_length, "tree": result.tree,
+                      "draft_kv_bytes": _draft_kv_bytes(draft, result.draft_cache_length),
+                      "preset": (draft.config.training or {}).get("preset") if draft else None,
                       "token_ids": result.token_ids}
             with open(out / CELLS, "a") as f:
                 f.write(json.dumps(record) + "\n")
@@ -157,6 +165,19 @@ def run_bench(target, cases: list[Case], drafts: list[str], out: str | Path, *, 
     bar.close()
     return write_report(out, tree=tree, target_name=target.name, command=command,
                         max_new_tokens=max_new_tokens)
+
+
+def _draft_kv_bytes(draft, positions: int | None) -> int:
+    """Bytes of a one-layer draft's KV cache holding `positions` positions (0 without one)."""
+    if draft is None or not positions:
+        return 0
+    config = draft.config
+    element = next(draft.parameters()).element_size()
+    return positions * 2 * config.num_key_value_heads * config.head_dim * element
+
+
+def _se(values: list[float]) -> float | None:
+    return statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else None
 
 
 def summarize(cells: list[dict]) -> list[dict]:
@@ -169,23 +190,37 @@ def summarize(cells: list[dict]) -> list[dict]:
     for (temperature, length, method), group in sorted(groups.items(), key=lambda kv: (
             kv[0][0], kv[0][1], kv[0][2] != "ar", kv[0][2])):
         calls = sum(c["target_calls"] for c in group)
-        dsr, esr, same = [], [], []
+        dsr, esr, same, limit, share = [], [], [], [], []
         for c in group:
             ar = ar_cells.get((temperature, length, c["index"]))
             if ar is None or not c["tokens"] or not ar["tokens"]:
                 continue
-            dsr.append((ar["decode_s"] / ar["tokens"]) / (c["decode_s"] / c["tokens"]))
+            ar_per_token = ar["decode_s"] / ar["tokens"]
+            dsr.append(ar_per_token / (c["decode_s"] / c["tokens"]))
             esr.append((ar["prefill_s"] + ar["decode_s"]) / (c["prefill_s"] + c["decode_s"]))
             same.append(c["token_ids"] == ar["token_ids"])
+            spent = c["draft_s"] + c["verify_s"]
+            if spent > 0:
+                limit.append(ar_per_token / (spent / c["tokens"]))
+                share.append(spent / c["decode_s"])
+        taus = [(c["tokens"] - 1) / c["target_calls"] for c in group if c["target_calls"]]
         rows.append({
             "temperature": temperature, "length": length, "method": method, "videos": len(group),
             "visual_tokens": round(statistics.mean(c["visual_tokens"] for c in group)),
             # the first token comes from the prefill: the calls produced the rest
             "tau": sum(c["tokens"] - 1 for c in group) / max(1, calls),
+            "tau_se": _se(taus),
             "dsr": statistics.median(dsr) if dsr else None,
+            "dsr_se": _se(dsr),
             "esr": statistics.median(esr) if esr else None,
+            "dsr_limit": statistics.median(limit) if limit else None,
+            "achieved_of_limit": statistics.median(share) if share else None,
             "draft_ms": 1000 * sum(c["draft_s"] for c in group) / max(1, calls),
             "verify_ms": 1000 * sum(c["verify_s"] for c in group) / max(1, calls),
+            "other_ms": 1000 * sum(c["decode_s"] - c["draft_s"] - c["verify_s"]
+                                   for c in group) / max(1, calls),
+            "draft_kv_mb": statistics.mean(c.get("draft_kv_bytes", 0) for c in group) / 2**20,
+            "preset": group[0].get("preset"),
             "prefill_s": statistics.mean(c["prefill_s"] for c in group),
             "draft_prefill_s": (statistics.mean(c["draft_prefill_s"] for c in group)
                                 if all("draft_prefill_s" in c for c in group) else None),
@@ -210,23 +245,98 @@ def write_report(out: Path, **context) -> dict:
     return report
 
 
+# The ablation rows of METHOD.md (MTP / IVSB / VATA), by the preset a draft was trained with.
+ABLATION = {"ablation-none": "- - -", "ablation-vata": "- - +", "ablation-mtp-vata": "+ - +",
+            "ablation-mtp-ivsb": "+ + -", "sparrow": "+ + +"}
+
+
+def _x(value: float | None, se: float | None = None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.2f}x" + ("" if se is None else f" ± {se:.2f}")
+
+
 def markdown(rows: list[dict], context: dict) -> str:
     lines = [f"target {context.get('target_name')}, tree {context.get('tree')}, "
              f"{context.get('max_new_tokens')} new tokens at most; command: `{context.get('command')}`",
              "" if "machine" not in context else
              f"{describe_device(context['machine'])}, {context['machine']['date']}", "",
-             "| T | visual tokens | method | tau | DSR | ESR | draft ms/call | verify ms/call | "
+             "| T | visual tokens | method | tau | DSR (± SE) | ESR | draft ms/call | verify ms/call | "
              "draft prompt s | prefill s | calls/video | identical to AR | videos |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         same = "" if r["identical_to_ar"] is None else f"{r['identical_to_ar'][0]}/{r['identical_to_ar'][1]}"
-        dsr = "-" if r["dsr"] is None else f"{r['dsr']:.2f}x"
-        esr = "-" if r["esr"] is None else f"{r['esr']:.2f}x"
         draft_prompt = "-" if r.get("draft_prefill_s") is None else f"{r['draft_prefill_s']:.2f}"
         lines.append(f"| {r['temperature']:g} | {r['visual_tokens']} | {r['method']} | {r['tau']:.2f} | "
-                     f"{dsr} | {esr} | {r['draft_ms']:.1f} | {r['verify_ms']:.1f} | {draft_prompt} | "
-                     f"{r['prefill_s']:.1f} | {r['calls']:.1f} | {same} | {r['videos']} |")
+                     f"{_x(r['dsr'], r.get('dsr_se'))} | {_x(r['esr'])} | {r['draft_ms']:.1f} | "
+                     f"{r['verify_ms']:.1f} | {draft_prompt} | {r['prefill_s']:.1f} | {r['calls']:.1f} | "
+                     f"{same} | {r['videos']} |")
+    lines += _scaling_tables(rows) + _anatomy_table(rows) + _ablation_tables(rows)
     return "\n".join(lines) + "\n"
+
+
+def _scaling_tables(rows: list[dict]) -> list[str]:
+    """METHOD.md's shape: a method per row, a length per column, tau / DSR in each cell."""
+    lines = []
+    lengths = sorted({r["length"] for r in rows})
+    for temperature in sorted({r["temperature"] for r in rows}):
+        mine = {(r["method"], r["length"]): r for r in rows if r["temperature"] == temperature}
+        methods = list(dict.fromkeys(r["method"] for r in rows if r["temperature"] == temperature))
+        visual = {n: next(r["visual_tokens"] for r in rows if r["length"] == n) for n in lengths}
+        lines += ["", f"Scaling, T={temperature:g}: tau / DSR (median over videos)", "",
+                  "| method | " + " | ".join(f"{visual[n]:,}" for n in lengths) + " |",
+                  "|---|" + "---|" * len(lengths)]
+        for method in methods:
+            cells = [f"{mine[method, n]['tau']:.2f} / {_x(mine[method, n]['dsr'])}"
+                     if (method, n) in mine else "-" for n in lengths]
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _anatomy_table(rows: list[dict]) -> list[str]:
+    lines = ["", "Where the decode time goes, per target call (T=0 where run; `limit`: the DSR of "
+             "draft + verify alone)", "",
+             "| visual tokens | method | prefill s | draft ms | verify ms | other ms | calls | tokens | "
+             "draft KV MB | DSR | limit | achieved / limit |", "|---" * 12 + "|"]
+    temperature = min(r["temperature"] for r in rows)
+    for r in rows:
+        if r["temperature"] != temperature:
+            continue
+        share = "-" if r.get("achieved_of_limit") is None else f"{r['achieved_of_limit']:.2f}"
+        lines.append(f"| {r['visual_tokens']} | {r['method']} | {r['prefill_s']:.1f} | {r['draft_ms']:.1f} | "
+                     f"{r['verify_ms']:.1f} | {r.get('other_ms', 0):.1f} | {r['calls']:.1f} | "
+                     f"{r['tokens']:.1f} | {r.get('draft_kv_mb', 0):.2f} | {_x(r['dsr'])} | "
+                     f"{_x(r.get('dsr_limit'))} | {share} |")
+    return lines
+
+
+def _ablation_tables(rows: list[dict]) -> list[str]:
+    """METHOD.md's ablation table (tau), for each temperature and tree whose methods include
+    at least two drafts trained with its presets."""
+    groups: dict[tuple, dict] = {}
+    for r in rows:
+        if r.get("preset") in ABLATION:
+            tree = r["method"].partition("@")[2]
+            groups.setdefault((r["temperature"], tree), {})[(r["preset"], r["length"])] = r
+    lines = []
+    for (temperature, tree), mine in sorted(groups.items()):
+        presets = [p for p in ABLATION if any(key[0] == p for key in mine)]
+        if len(presets) < 2:
+            continue
+        lengths = sorted({key[1] for key in mine})
+        visual = {n: next(r["visual_tokens"] for (p, m), r in mine.items() if m == n) for n in lengths}
+        title = f"Ablation, T={temperature:g}{', tree ' + tree if tree else ''}: tau (± SE over videos)"
+        lines += ["", title, "",
+                  "| MTP IVSB VATA | preset | " + " | ".join(f"{visual[n]:,}" for n in lengths) + " |",
+                  "|---|---|" + "---|" * len(lengths)]
+        for preset in presets:
+            cells = []
+            for n in lengths:
+                r = mine.get((preset, n))
+                cells.append("-" if r is None else f"{r['tau']:.2f}" + (
+                    "" if r.get("tau_se") is None else f" ± {r['tau_se']:.2f}"))
+            lines.append(f"| {ABLATION[preset]} | {preset} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def plot(rows: list[dict], path: Path) -> None:

@@ -377,7 +377,7 @@ def _stream_piece(detokenizer: Detokenizer, piece: Piece) -> tuple[str, list | N
     if piece.logprobs is None:
         return text, None
     kept = len(piece.tokens) if detokenizer.stopped_at is None else detokenizer.stopped_at - before
-    return text, piece.logprobs[:kept]
+    return text, piece.logprobs[:kept] or None
 
 
 def chunk(flight: InFlight, choices: list[dict], **extra) -> str:

@@ -35,9 +35,9 @@ MAX_LOGPROBS = 20  # alternatives per token, as OpenAI's top_logprobs
 @dataclass
 class Timings:
     prefill_s: float = 0.0
-    decode_s: float = 0.0  # everything after the prefill: draft + verify + bookkeeping
+    decode_s: float = 0.0  # everything after the prefill: draft + verify + the rest
     draft_s: float = 0.0  # the draft's pass over the prompt included
-    verify_s: float = 0.0
+    verify_s: float = 0.0  # the target's forwards over the trees (acceptance and cache upkeep: the rest)
     draft_prefill_s: float = 0.0  # the draft's pass over the prompt (all of it in eagle mode)
 
 
@@ -134,9 +134,11 @@ def _verify(
     tree: TreeSpec,
     sampling: SamplingParams,
     generator: torch.Generator | None,
-) -> tuple[StepOutput, Acceptance, torch.Tensor]:
+    clock: _Clock,
+) -> tuple[StepOutput, Acceptance, torch.Tensor, float]:
     """One target forward over the proposed tree; accept a path; keep only that path in the
-    target's cache. Returns the forward's output, the decision and the path (node indices)."""
+    target's cache. Returns the forward's output, the decision, the path (node indices) and
+    the forward's seconds."""
     room = target.cache.max_length - target.cache_length
     if len(candidates) > room:
         # The cache was sized for trees of `tree`; a custom proposer may return larger ones.
@@ -147,14 +149,16 @@ def _verify(
         )
     start = target.cache_length
     mask = candidates.ancestor_mask() if len(candidates) > 1 else None
+    t = clock.now()
     out = target.forward(candidates.tokens, candidates.depths, mask)
+    forward_s = clock.now() - t
     if sampling.greedy:
         decision = accept_greedy(candidates, out.logits)
     else:
         decision = accept_sampled(candidates, out.logits, sampling, generator)
     path = torch.tensor(decision.path)
     target.keep(start, path.to(target.device))
-    return out, decision, path
+    return out, decision, path, forward_s
 
 
 @torch.no_grad()
@@ -242,10 +246,10 @@ def generate(
     while not finish:
         t = clock.now()
         candidates = proposer.propose(root)
-        t_verify = clock.now()
-        timings.draft_s += t_verify - t
-        out, decision, path = _verify(target, candidates, capacity_tree, sampling, generator)
-        timings.verify_s += clock.now() - t_verify
+        timings.draft_s += clock.now() - t
+        out, decision, path, forward_s = _verify(target, candidates, capacity_tree, sampling, generator,
+                                                 clock)
+        timings.verify_s += forward_s
         new_tokens = candidates.tokens[path[1:]].tolist() + [decision.bonus]
         before = len(emitted)
         finish = _emit(new_tokens, emitted, eos, max_new_tokens)
