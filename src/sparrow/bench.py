@@ -1,8 +1,8 @@
 """`sparrow bench`: plain decoding and every draft on the same held-out videos, same run.
 
-Each video is prefilled once; its state (`target.snapshot()`) is reused by every method, so
-the methods differ only in decoding (drafts whose visual positions carry a target layer's
-states, run in eagle mode, need that layer from a full prefill and take one). `tree` may name
+Each video is prefilled once, keeping the target layers' states that any draft reads at visual
+positions; that state (`target.snapshot()`) is reused by every method, so the methods differ
+only in decoding. `tree` may name
 several trees ("auto,30-4-8"): every draft then runs with each, as method `draft@tree`. Per cell
 (length, video, temperature, method) one record goes to `cells.jsonl` as it finishes; a rerun
 skips the cells already there (an interrupted run resumes with finished cells kept). The
@@ -37,6 +37,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from sparrow.draft.modes import prefill_layers
 from sparrow.errors import ConfigError
 from sparrow.machine import describe_device
 from sparrow.speculative.generate import generate
@@ -120,6 +121,8 @@ def run_bench(target, cases: list[Case], drafts: list[str], out: str | Path, *, 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     methods = _methods(target, drafts, parse_trees(tree))
+    layers = tuple(sorted({m for _, draft, _ in methods if draft is not None
+                           for m in prefill_layers(draft.mode, draft.config.visual, draft.config.mid_layer)}))
     done = {_key(r) for r in _load_cells(out)}
     todo = [(c, t, m) for c in cases for t in temperatures for m, _, _ in methods
             if (c.length, c.index, t, m) not in done]
@@ -135,7 +138,7 @@ def run_bench(target, cases: list[Case], drafts: list[str], out: str | Path, *, 
             video = prepare_video(target, case.video, num_frames=case.num_frames)
         ids = build_video_prompt(target.tokenizer, target.config, video, case.question)
         start = time.perf_counter()
-        target.prefill(ids, video)
+        target.prefill(ids, video, layers=layers)
         prefill_s = time.perf_counter() - start
         prefix = target.snapshot()
         if not warmed:  # first calls pack weights and build kernels: not part of any timing

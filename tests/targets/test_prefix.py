@@ -65,3 +65,34 @@ def test_same_layout_other_pixels_is_not_reused(video_file):
 
     target._prefill_from = must_not_reuse
     assert generate(target, ids, other, max_new_tokens=12, prefix=state).token_ids == cold
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "llava_onevision"])
+def test_a_prefix_keeps_the_layer_states_a_draft_reads(target, video_file):
+    """A prompt prefilled with `layers` keeps those layers' states in its snapshot: a follow-up
+    reuses them (the states equal a cold prefill's, the answer of an eagle-mode draft that reads
+    them too); a prefix without them is not used for a prefill that needs them."""
+    import torch
+
+    video = prepare_video(target, video_file(8), num_frames=8)
+    first = build_video_prompt(target.tokenizer, target.config, video, "What colour is it?")
+    second = build_video_prompt(target.tokenizer, target.config, video, "Where does it go next?")
+    layers = (0, 2)
+    target.prefill(first, video, layers=layers)
+    state = target.snapshot()
+    assert set(state.layer_hidden) == set(layers)
+    cold = target.prefill(second, video, layers=layers)
+    cold_states = {m: h.clone() for m, h in cold.layer_hidden.items()}
+    warm = target.prefill(second, video, layers=layers, prefix=state)
+    assert warm.input_ids.shape == cold.input_ids.shape
+    for m in layers:
+        torch.testing.assert_close(warm.layer_hidden[m], cold_states[m], rtol=1e-4, atol=1e-5)
+    draft = init_draft(target, "eagle", visual="mid", mid_layer=2)
+    expected = generate(target, second, video, method="eagle", draft=draft, max_new_tokens=12)
+    reused = generate(target, second, video, method="eagle", draft=draft, max_new_tokens=12, prefix=state)
+    assert reused.token_ids == expected.token_ids
+    target.prefill(first, video)  # no layers kept: the prefix cannot serve a draft that needs one
+    bare = target.snapshot()
+    assert bare.layer_hidden == {}
+    again = generate(target, second, video, method="eagle", draft=draft, max_new_tokens=12, prefix=bare)
+    assert again.token_ids == expected.token_ids

@@ -221,7 +221,7 @@ def generate(
     t0 = clock.now()
     prefill = target.prefill(  # `layers`: a draft that reads target layers at visual positions
         input_ids, video, capacity=max_new_tokens + capacity_tree.total_tokens + 1, layers=layers,
-        prefix=None if layers else prefix,  # those states need the full prefill
+        prefix=prefix,  # used if it kept those layers' states (see TargetAdapter.prefill)
     )
     if auto:  # measured costs at this length, the draft's acceptance profile
         tree = FALLBACK if method == "ar" or draft is None else choose_tree(

@@ -61,9 +61,12 @@ class PrefixState:
     visual_mask: torch.Tensor  # (P,) bool
     position_offset: float  # rotary position of cache slot i is i + position_offset
     video_fingerprint: str | None = None  # content hash of the video's pixel inputs
+    # layer m -> (P, d), the prompt's `prefill(layers=...)` states (a draft that reads them)
+    layer_hidden: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def nbytes(self) -> int:
-        tensors = [*self.keys, *self.values, self.hidden, self.input_ids, self.visual_mask]
+        tensors = [*self.keys, *self.values, self.hidden, self.input_ids, self.visual_mask,
+                   *self.layer_hidden.values()]
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def common_length(self, input_ids: torch.Tensor) -> int:
@@ -211,7 +214,9 @@ class TargetAdapter:
         `prefix`: a state from `snapshot()`; when it covers the start of this prompt (video
         included), only the rest of the prompt runs, over a copy of its cached keys/values.
         Pass the video too when you have it: a prefix made from other pixels is then refused
-        (without the video, the caller vouches that the prefix holds the same one).
+        (without the video, the caller vouches that the prefix holds the same one). With
+        `layers`, the prefix is used only if it holds those layers' states (a prefill with
+        at least those `layers`); otherwise the whole prompt runs.
         """
         input_ids = input_ids.reshape(1, -1).to(self.device)
         length = input_ids.shape[1]
@@ -222,10 +227,10 @@ class TargetAdapter:
                 reused = 0  # the video itself differs or is not all cached: prefill it all
             if video is not None and video_fingerprint(video) != prefix.video_fingerprint:
                 reused = 0  # same token layout, other pixels
+            if not set(layers) <= set(prefix.layer_hidden):
+                reused = 0  # the states a draft reads were not kept: compute them
             if reused:
-                if layers:
-                    raise ValueError("layers= needs a full prefill; do not pass a prefix")
-                return self._prefill_from(prefix, reused, input_ids, capacity)
+                return self._prefill_from(prefix, reused, input_ids, capacity, layers)
         self.cache = StaticKVCache(self.num_layers, length + capacity)
         position_ids, self.position_offset = self._prompt_positions(input_ids, video)
         captured: dict[int, torch.Tensor] = {}
@@ -255,7 +260,8 @@ class TargetAdapter:
         return self.prompt
 
     def _prefill_from(
-        self, prefix: PrefixState, reused: int, input_ids: torch.Tensor, capacity: int
+        self, prefix: PrefixState, reused: int, input_ids: torch.Tensor, capacity: int,
+        layers: tuple[int, ...] = (),
     ) -> PrefillOutput:
         """Restore the first `reused` prompt positions from `prefix`, run the rest."""
         length = input_ids.shape[1]
@@ -264,13 +270,20 @@ class TargetAdapter:
             layer.lazy_initialization(keys, values)
             layer.update(keys[:, :, :reused], values[:, :, :reused])
         self.position_offset = prefix.position_offset
-        rest = self.forward(input_ids[0, reused:])  # causal over the restored prefix
+        captured: dict[int, torch.Tensor] = {}
+        handles = [self._capture_layer_output(m, captured) for m in sorted(set(layers))]
+        try:
+            rest = self.forward(input_ids[0, reused:])  # causal over the restored prefix
+        finally:
+            for handle in handles:
+                handle.remove()
         self._prompt_video = prefix.video_fingerprint
         self.prompt = PrefillOutput(
             logits=rest.logits[-1],
             hidden=torch.cat([prefix.hidden[:reused], rest.hidden]),
             visual_mask=input_ids[0] == self.video_token_id(),
             input_ids=input_ids[0],
+            layer_hidden={m: torch.cat([prefix.layer_hidden[m][:reused], captured[m]]) for m in captured},
         )
         return self.prompt
 
@@ -288,6 +301,7 @@ class TargetAdapter:
             visual_mask=self.prompt.visual_mask.clone(),
             position_offset=self.position_offset,
             video_fingerprint=self._prompt_video,
+            layer_hidden={m: h.clone() for m, h in self.prompt.layer_hidden.items()},
         )
 
     def _capture_layer_output(self, layer: int, store: dict[int, torch.Tensor]):
