@@ -130,3 +130,20 @@ def test_training_and_bench_commands_refuse_bad_input_in_one_line(tmp_path, args
     assert result.returncode == 2, result.stderr
     assert message in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_bench_preset_paper_fills_what_the_flags_leave_out():
+    from sparrow.cli import BENCH_PRESETS, bench_settings, build_parser
+
+    parser, _ = build_parser()
+
+    def settings(*flags):
+        return bench_settings(parser.parse_args(["bench", "--target", "reference", "--out", "x", *flags]))
+
+    plain = settings()
+    assert (plain.lengths, plain.tree, plain.drafts, plain.videos) == ("0.5k,1.5k", "auto", "", 4)
+    paper = settings("--preset", "paper")
+    assert paper.lengths == "0.5k,1.5k,6k,17k,25k" and paper.tree == "auto,30-4-8"
+    assert paper.temperatures == "0,1" and paper.drafts == BENCH_PRESETS["paper"]["drafts"]
+    mine = settings("--preset", "paper", "--lengths", "25k", "--drafts", "runs/msd")
+    assert mine.lengths == "25k" and mine.drafts == "reference:sparrow,reference:eagle,runs/msd"

@@ -87,17 +87,20 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
         description="AR and every draft on the same videos and prompts, each video prefilled "
         "once; writes cells.jsonl (resumable), bench.json, bench.md and bench.png to --out.")
     options.add_target(bench)
-    bench.add_argument("--drafts", default="", help="comma-separated draft directories (their "
-                       "directory names label them)")
-    bench.add_argument("--lengths", default="0.5k,1.5k", help="visual-token lengths (default 0.5k,1.5k)")
-    bench.add_argument("--videos", type=int, default=4,
+    bench.add_argument("--preset", choices=sorted(BENCH_PRESETS), help="settings of a named "
+                       "experiment; flags given as well override them. paper: "
+                       + "; ".join(f"--{k.replace('_', '-')} {v}" for k, v in BENCH_PRESETS["paper"].items()))
+    bench.add_argument("--drafts", help="comma-separated draft directories (their directory names "
+                       "label them), or reference:sparrow / reference:eagle")
+    bench.add_argument("--lengths", help="visual-token lengths (default 0.5k,1.5k)")
+    bench.add_argument("--videos", type=int,
                        help="videos per length (reference target: evaluation seeds; default 4)")
     bench.add_argument("--prompts", help="JSON Lines of questions and videos (targets other than "
                        "the reference)")
-    bench.add_argument("--temperatures", default="0", help="comma-separated (default 0)")
-    bench.add_argument("--tree", default="auto", help=options.TREE_HELP + "; several, comma-separated "
+    bench.add_argument("--temperatures", help="comma-separated (default 0)")
+    bench.add_argument("--tree", help=options.TREE_HELP + "; several, comma-separated "
                        "(auto,30-4-8), run every draft with each, as method draft@tree")
-    bench.add_argument("--max-new-tokens", type=int, default=128, help="answer length limit (default 128)")
+    bench.add_argument("--max-new-tokens", type=int, help="answer length limit (default 128)")
     bench.add_argument("--out", required=True, help="results directory (resumed if it holds cells)")
 
     commands = {"generate": cmd_generate, "draft-init": cmd_draft_init, "serve": cmd_serve,
@@ -225,6 +228,28 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+BENCH_DEFAULTS = {"drafts": "", "lengths": "0.5k,1.5k", "videos": 4, "temperatures": "0",
+                  "tree": "auto", "max_new_tokens": 128}
+# Named experiments (README, benchmarks/README.md). paper: METHOD.md's tables on the reference
+# target; the drafts of every other row (MSD-like, HiViS-like, the ablations) are added with
+# --drafts, as trained by `sparrow train --preset ...`.
+BENCH_PRESETS = {"paper": {"drafts": "reference:sparrow,reference:eagle",
+                           "lengths": "0.5k,1.5k,6k,17k,25k", "videos": 4, "temperatures": "0,1",
+                           "tree": "auto,30-4-8", "max_new_tokens": 128}}
+
+
+def bench_settings(args: argparse.Namespace) -> argparse.Namespace:
+    """The flags given, else the preset's, else the defaults; --drafts adds to a preset's."""
+    preset = BENCH_PRESETS.get(args.preset or "", {})
+    settings = {}
+    for name, default in BENCH_DEFAULTS.items():
+        given = getattr(args, name)
+        settings[name] = given if given is not None else preset.get(name, default)
+    if preset and args.drafts:
+        settings["drafts"] = ",".join(d for d in (preset["drafts"], args.drafts) if d)
+    return argparse.Namespace(**{**vars(args), **settings})
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from sparrow import fixture
     from sparrow.bench import cases_from_prompts, parse_lengths, parse_trees, run_bench
@@ -232,6 +257,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from sparrow.targets import load_target
     from sparrow.training.prompts import read_prompts
 
+    args = bench_settings(args)
     lengths = parse_lengths(args.lengths)
     try:
         temperatures = [float(t) for t in args.temperatures.split(",")]
