@@ -167,11 +167,12 @@ def parameter_counts(adapter: TargetAdapter) -> dict[str, int]:
         for module in language_model.layers.modules()
         if isinstance(module, torch.nn.Linear)
     ) + adapter.model.lm_head.weight.numel()
+    tied = adapter.model.lm_head.weight is adapter.model.get_input_embeddings().weight
     return {
         "language_model": sum(p.numel() for p in language_model.parameters()),
         "lm_head": adapter.model.lm_head.weight.numel(),
         "text_total": sum(p.numel() for p in language_model.parameters())
-        + adapter.model.lm_head.weight.numel(),
+        + (0 if tied else adapter.model.lm_head.weight.numel()),
         "linear_weights": linear,  # P_linear of the roofline
         "whole_model": sum(p.numel() for p in adapter.model.parameters()),
     }
@@ -576,10 +577,10 @@ def sdpa_step(adapter: TargetAdapter, cache, tokens, depths, tree_mask, length: 
         visible[:, length:] = tree_mask.to(device)
         additive = torch.zeros(q, length + q, dtype=dtype, device=device)
         additive.masked_fill_(~visible, torch.finfo(dtype).min)
-        attention_mask = {"full_attention": additive[None, None]}  # (1, 1, q, T + q)
+        attention_mask = additive[None, None]  # (1, 1, q, T + q): used as given by every family
     out = adapter.model.model(
         input_ids=tokens.reshape(1, q).to(device),
-        position_ids=(depths.to(device) + length)[None],
+        position_ids=(depths.to(device) + length + adapter.position_offset)[None],
         attention_mask=attention_mask,
         cache=cache,
         use_cache=True,
@@ -683,8 +684,11 @@ def run(args: argparse.Namespace) -> dict:
     results: dict = {"machine": machine_info(device),
                      "command": " ".join(["python", *sys.argv]), "arguments": vars(args)}
     counts = parameter_counts(adapter)
+    tied = adapter.model.lm_head.weight is adapter.model.get_input_embeddings().weight
     results["target"] = {**asdict(shape), "head_dim": shape.head_dim, "dtype": args.dtype,
-                         "parameters": counts}
+                         "parameters": counts, "name": args.target,
+                         "language_model": type(adapter.model.model.language_model).__name__,
+                         "tied_lm_head": tied}
     log(f"target: {counts['text_total'] / 1e6:.1f}M text parameters ({asdict(shape)})")
     max_q = max(args.tree_sizes)
     prepare_cache(adapter, max(args.lengths) + max_q + 8)
@@ -825,9 +829,11 @@ def write_markdown(results: dict, path: Path) -> None:
         f"{machine.get('gpu') or machine['cpu']}, {machine['torch_threads']} torch threads, "
         f"torch {machine['torch']}, transformers {machine.get('transformers', '?')}, "
         f"{machine['date']}.",
-        f"Target: Qwen2-shaped LM, hidden {target['hidden']}, {target['layers']} layers, "
+        f"Target: {target.get('name', 'random')} ({target.get('language_model', 'Qwen2Model')}), "
+        f"hidden {target['hidden']}, {target['layers']} layers, "
         f"{target['heads']} heads / {target['kv_heads']} KV heads, head dim {target['head_dim']}, "
-        f"FFN {target['intermediate']}, vocab {target['vocab']}, untied lm_head: "
+        f"FFN {target['intermediate']}, vocab {target['vocab']}, "
+        f"{'tied' if target.get('tied_lm_head') else 'untied'} lm_head: "
         f"{target['parameters']['text_total'] / 1e6:.1f}M parameters "
         f"({target['parameters']['linear_weights'] / 1e6:.1f}M in linears + lm_head), "
         f"{target['dtype']}.",
