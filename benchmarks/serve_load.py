@@ -5,7 +5,8 @@ time, against a `sparrow serve` process this script starts itself.
     python benchmarks/serve_load.py --target tiny:qwen2_vl --draft none --seconds 30
 
 The server: `sparrow serve --target T [--draft D] --api-key K --media-root DIR --max-queue 4
---max-tokens 48 --timeout 30 --max-preprocess 2` (--max-video-pixels at its default, 4096x2160).
+--max-tokens 48 --timeout 30 --max-preprocess 2 --prefix-cache-mb 512` (--max-video-pixels at
+its default, 4096x2160).
 Each of `--clients` threads loops until `--seconds` are up, drawing its next request
 (seeded) from KINDS below:
 
@@ -53,7 +54,7 @@ from sparrow.machine import machine_info
 from sparrow.video.io import write_video
 
 KEY = "load-test-key"
-QUEUE, MAX_TOKENS, TIMEOUT_S = 4, 48, 30
+QUEUE, MAX_TOKENS, TIMEOUT_S, PREFIX_CACHE_MB = 4, 48, 30, 512
 GOOD = {"video_file": 3, "video_upload": 2, "uhd_upload": 1, "text_stream": 3, "n2_logprobs": 2,
         "completions": 2}
 HOSTILE = {"huge_pixels": 400, "corrupt_video": 400, "outside_root": 403, "deep_json": 400,
@@ -95,7 +96,8 @@ class Server:
         command = [sys.executable, "-m", "sparrow.cli", "serve", "--target", args.target,
                    "--port", str(self.port), "--api-key", KEY, "--media-root", str(media_root),
                    "--max-queue", str(QUEUE), "--max-tokens", str(MAX_TOKENS),
-                   "--timeout", str(TIMEOUT_S), "--max-preprocess", "2", "--num-frames", "4"]
+                   "--timeout", str(TIMEOUT_S), "--max-preprocess", "2", "--num-frames", "4",
+                   "--prefix-cache-mb", str(PREFIX_CACHE_MB)]
         if args.draft != "none":
             command += ["--draft", args.draft]
         self.command = command
