@@ -40,6 +40,10 @@ from sparrow.targets.llava import prompt_positions, video_position_step
 from sparrow.video.processing import VideoInputs
 from sparrow.video.prompt import render_chat
 
+# The fixture trainer's resume and export paths over the real SmolLM2 body take about a minute
+# each; they run with `make test-slow` (the fixture's training is not the product's).
+SLOW = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def shard(tmp_path_factory):
@@ -269,6 +273,7 @@ def test_eyes_training_resumes_exactly(shard, tmp_path):
         train_eyes(resumed, [shard], shard, steps=6, read="block-mean", **kwargs)
 
 
+@SLOW
 def test_caption_training_resumes_exactly_and_exports_mergeable_weights(shard, tmp_path):
     """Two caption steps straight vs one + resume (the resumed sitting with its batches built
     in worker processes) give the same weights; the exported file assembles into SmolLM2 +
@@ -310,6 +315,7 @@ def test_caption_training_resumes_exactly_and_exports_mergeable_weights(shard, t
                                atol=1e-6, rtol=0)
 
 
+@SLOW
 def test_long_stage_starts_from_the_caption_weights_resumes_exactly_and_is_exported(shard, tmp_path,
                                                                                  monkeypatch):
     # The straight run also evaluates after every step (a held-out check must neither end the
@@ -355,6 +361,7 @@ def test_long_stage_starts_from_the_caption_weights_resumes_exactly_and_is_expor
                                    a["trainable"][key].to(torch.float16))
 
 
+@SLOW
 def test_a_sitting_continues_from_exported_weights(shard, tmp_path):
     """Only the repository outlives a session here, so long runs go on from the exported file:
     the new run starts at the file's step with its weights (LoRA as stored, fp16), fresh AdamW
@@ -423,6 +430,7 @@ def test_a_sitting_continues_from_exported_weights(shard, tmp_path):
                       eval_every=100)
 
 
+@SLOW
 def test_a_caption_stage_on_new_eyes_can_start_from_an_earlier_adapter(shard, tmp_path):
     """--lora-from: the new run's caption stage starts with the file's LoRA factors (fp16 as
     stored) and its own tower / projector; the file's name is logged, kept across a resume and
