@@ -71,7 +71,6 @@ def _build_key(compiler_version: str) -> str:
                           .encode()).hexdigest()[:16]
 
 
-@functools.cache
 def fingerprint() -> str:
     """What decides which kernels a step runs here: the library's build key (sources, flags,
     compiler, CPU) and the thresholds above, or "torch" without a library. Measured step costs
@@ -79,7 +78,7 @@ def fingerprint() -> str:
     lib = library()
     if lib is None:
         return "torch"
-    return f"{Path(lib._name).stem}:{MIN_LENGTH}:{MAX_TREE_ROWS}:{LINEAR_MAX_ROWS}"
+    return f"{lib.sparrow_build}:{MIN_LENGTH}:{MAX_TREE_ROWS}:{LINEAR_MAX_ROWS}"
 
 
 @functools.cache
@@ -128,6 +127,7 @@ def library() -> ctypes.CDLL | None:
     lib.linear_rows.restype = ctypes.c_int
     lib.linear_rows_available.restype = ctypes.c_int
     # asked once here: `available` runs on every kernel call (each linear of a decode step)
+    lib.sparrow_build = target.stem  # the build key, for `fingerprint`
     lib.sparrow_available = frozenset(
         kernel for kernel in KERNEL_NAMES if getattr(lib, f"{kernel}_available")())
     return lib
