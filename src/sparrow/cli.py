@@ -103,8 +103,33 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     bench.add_argument("--max-new-tokens", type=int, help="answer length limit (default 128)")
     bench.add_argument("--out", required=True, help="results directory (resumed if it holds cells)")
 
+    analyze = sub.add_parser(
+        "analyze", help="the phenomena behind the method: removing the video from layer x on, "
+        "hidden-state drift, an EAGLE-full draft's attention on visual tokens",
+        description="Measures on held-out videos (see sparrow.analyze): the target's answers when "
+        "its text positions stop seeing the video from decoder layer x on; per layer, the cosine "
+        "of visual and text states to their input embeddings; with --draft, an EAGLE-full draft's "
+        "attention mass on visual positions per length. Writes records.jsonl (resumable), "
+        "analyze.json, analyze.md and analyze.png to --out.")
+    options.add_target(analyze)
+    analyze.add_argument("--draft", help="an EAGLE-full draft (eagle mode) for the dilution "
+                         "measurement (reference target default: reference:eagle; 'none' skips it)")
+    analyze.add_argument("--removal-length", default="1.5k",
+                         help="visual tokens of the removal and drift videos (default %(default)s)")
+    analyze.add_argument("--lengths", default="0.5k,1.5k,6k",
+                         help="visual-token lengths of the dilution measurement (default %(default)s)")
+    analyze.add_argument("--videos", type=int, default=4, help="videos per length (default 4)")
+    analyze.add_argument("--layers", help="cut layers x, comma-separated (default every second "
+                         "layer and the last, which removes nothing)")
+    analyze.add_argument("--prompts", help="JSON Lines of questions and videos (targets other than "
+                         "the reference)")
+    analyze.add_argument("--tree", default="30-4-8", help="the dilution draft's tree (default 30-4-8)")
+    analyze.add_argument("--max-new-tokens", type=int, default=96,
+                         help="answer length (default 96)")
+    analyze.add_argument("--out", required=True, help="results directory (resumed if it holds records)")
+
     commands = {"generate": cmd_generate, "draft-init": cmd_draft_init, "serve": cmd_serve,
-                "chat": cmd_chat, "bench": cmd_bench}
+                "chat": cmd_chat, "bench": cmd_bench, "analyze": cmd_analyze}
     commands.update(training_cli.add_commands(sub))
     commands.update(fixture.add_commands(sub))
     return parser, commands
@@ -280,6 +305,59 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from sparrow.bench import markdown
 
     print(markdown(report["rows"], report))
+    return 0
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from sparrow import fixture
+    from sparrow.analyze import default_layers, markdown, parse_layers, run_analysis
+    from sparrow.bench import cases_from_prompts, parse_lengths
+    from sparrow.draft import load_draft
+    from sparrow.errors import ConfigError
+    from sparrow.speculative.tree import parse_tree
+    from sparrow.targets import load_target
+    from sparrow.training.prompts import read_prompts
+
+    removal_length = parse_lengths(args.removal_length)
+    lengths = parse_lengths(args.lengths)
+    if len(removal_length) != 1:
+        raise ConfigError(f"--removal-length {args.removal_length}: give one length, e.g. 1.5k")
+    if args.videos < 1 or args.max_new_tokens < 1:
+        raise ConfigError("--videos and --max-new-tokens must be >= 1")
+    tree = parse_tree(args.tree)
+    reference = fixture.is_reference(args.target)
+    draft_spec = args.draft or ("reference:eagle" if reference else "none")
+    target = load_target(args.target, dtype=options.dtype_of(args), device=args.device)
+    layers = (parse_layers(args.layers, target.num_layers) if args.layers
+              else default_layers(target.num_layers))
+    draft = None
+    if draft_spec != "none":
+        draft = load_draft(fixture.resolve_draft(draft_spec), target)
+        if draft.mode != "eagle":
+            raise ConfigError(f"--draft {draft_spec}: decodes in {draft.mode} mode and never "
+                              "attends to visual positions; give an EAGLE-full draft (eagle mode, "
+                              "e.g. reference:eagle), or --draft none")
+        draft.name = draft_spec
+    score = None
+    if args.prompts:
+        prompts = read_prompts(args.prompts)[: args.videos]
+        removal, dilution = (cases_from_prompts(target, prompts, removal_length),
+                             cases_from_prompts(target, prompts, lengths))
+    elif reference:
+        removal = fixture.reference_cases(target, removal_length, args.videos)
+        dilution = fixture.reference_cases(target, lengths, args.videos)
+        score = fixture.reference_score
+    else:
+        raise ConfigError(f"--target {args.target}: give --prompts FILE (JSON Lines of questions "
+                          "and videos); only the reference target has built-in evaluation videos")
+    if any(case.video is None for case in removal):
+        raise ConfigError(f"--prompts {args.prompts}: every prompt needs a video to analyze")
+    report = run_analysis(target, removal, dilution, args.out, draft=draft, layers=layers, tree=tree,
+                          max_new_tokens=args.max_new_tokens, score=score,
+                          command="sparrow " + " ".join(sys.argv[1:]),
+                          settings={"layers": layers, "max_new_tokens": args.max_new_tokens,
+                                    "tree": args.tree, "videos": args.videos})
+    print(markdown(report))
     return 0
 
 

@@ -1,6 +1,7 @@
 """The one door from the core to the reference fixture (`sparrow.reference`): the named target
-`reference[:WEIGHTS]`, its self-distillation prompts (`sparrow datagen`) and the fixture's
-command (`sparrow eval-target`). Nothing else outside
+`reference[:WEIGHTS]`, its self-distillation prompts (`sparrow datagen`), its evaluation
+videos and their scoring (`sparrow bench`, `sparrow analyze`) and the fixture's command
+(`sparrow eval-target`). Nothing else outside
 `sparrow.reference` imports it, and it is imported only when one of these is used."""
 
 from __future__ import annotations
@@ -67,6 +68,15 @@ def reference_cases(target, lengths: list[int], videos: int):
             path, _ = video_for(synthetic.EVAL_SEED_START + index, frames, cache_home() / "eval-videos")
             cases.append(Case(length, index, PROMPT, str(path), frames))
     return cases
+
+
+def reference_score(case, text: str) -> float:
+    """Key-fact accuracy of `text` as a description of a `reference_cases` case's video."""
+    from sparrow.reference import synthetic
+    from sparrow.reference.eval_target import eval_scene
+
+    facts = synthetic.scene_facts(eval_scene(synthetic.EVAL_SEED_START + case.index, case.num_frames))
+    return synthetic.score_description(text, facts)["score"]
 
 
 def add_commands(subparsers) -> dict[str, Callable[[argparse.Namespace], int]]:

@@ -106,3 +106,33 @@ def test_draft_vocabulary_is_the_most_frequent_answer_tokens(data_dir):
     top = draft_vocabulary(samples, 3).tolist()
     ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
     assert top == sorted(t for t, _ in ranked[:3])
+
+
+
+def test_restate_keeps_prompts_and_answers_and_swaps_the_mid_layer(tiny_target, prompts_file, data_dir,
+                                                                   tmp_path):
+    from sparrow.training.datagen import restate
+
+    target = tiny_target
+    prompts = read_prompts(prompts_file)
+    base = load_dataset([data_dir], target_fingerprint(target))
+    layer = target.num_layers  # another m* than the data's L/2
+    assert layer != base.mid_layer
+    restate(target, data_dir, tmp_path / data_dir.name, layer)  # same name: the same sample keys
+    again = load_dataset([tmp_path / data_dir.name], target_fingerprint(target))
+    assert again.mid_layer == layer and len(again.samples) == len(base.samples)
+    for old, new in zip(base.samples, again.samples, strict=True):
+        assert old.key == new.key and torch.equal(old.input_ids, new.input_ids)
+        torch.testing.assert_close(new.last.float(), old.last.float(), atol=2e-3, rtol=2e-3)
+        prompt = prompts[int(new.key.split("/")[1])]
+        video = prepare_video(target, prompt.video, num_frames=prompt.num_frames) if prompt.video else None
+        out = target.prefill(new.input_ids, video, layers=(layer,))
+        torch.testing.assert_close(new.mid.float(), out.layer_hidden[layer][out.visual_mask],
+                                   atol=2e-3, rtol=2e-3)
+    assert any(s.mid.shape[0] for s in again.samples)
+    again_summary = restate(target, data_dir, tmp_path / data_dir.name, layer)  # all done: nothing to run
+    assert again_summary["samples"] == len(base.samples)
+    with pytest.raises(DataError, match="another settings"):
+        restate(target, data_dir, tmp_path / data_dir.name, 0)
+    with pytest.raises(DataError, match="not a datagen output"):
+        restate(target, tmp_path / "nothing", tmp_path / "x", layer)

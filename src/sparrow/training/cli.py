@@ -36,6 +36,9 @@ def add_commands(sub) -> dict[str, Callable[[argparse.Namespace], int]]:
     gen.add_argument("--mid-layer", type=int, default=None,
                      help="layer m* whose visual states are saved for IVSB (default L/2)")
     gen.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    gen.add_argument("--from", dest="source", metavar="DIR",
+                     help="restate the datagen output DIR with --mid-layer's visual states (same "
+                     "prompts and answers, nothing generated) into --out")
 
     tr = sub.add_parser(
         "train", help="train a draft on datagen output (runs under accelerate: CPU or multi-GPU)",
@@ -85,7 +88,16 @@ def cmd_datagen(args: argparse.Namespace) -> int:
     from sparrow.training.prompts import read_prompts
 
     out = Path(args.out)
+    if args.source and (args.prompts or args.mid_layer is None):
+        raise DataError("--from restates existing data: give --mid-layer, and no --prompts")
     target = load_target(args.target, dtype=options.dtype_of(args), device=args.device)
+    if args.source:
+        from sparrow.training.datagen import restate
+
+        summary = restate(target, args.source, out, args.mid_layer)
+        print(json.dumps(summary))
+        print(f"restated {summary['samples']} samples with m* = {args.mid_layer} in {out}", file=sys.stderr)
+        return 0
     if args.prompts:
         prompts = read_prompts(args.prompts)
     elif fixture.is_reference(args.target):

@@ -17,6 +17,9 @@ One batch is one shard, `shard-NNNNN.safetensors` (samples concatenated, `offset
 atomically: an interrupted run resumes at the first missing shard with nothing duplicated or
 lost. `manifest.json` fingerprints the target and records the settings; `prompts.jsonl` the
 prompts, in order. Resuming with another target, other settings or other prompts is refused.
+
+`restate` (`sparrow datagen --from DIR --mid-layer M`) rewrites existing data with the visual
+states of another m*, from the same prompts and answers (a teacher-forced pass, no generation).
 """
 
 from __future__ import annotations
@@ -238,6 +241,54 @@ def datagen(target: TargetAdapter, prompts: list[Prompt], out: str | Path,
         elapsed = time.perf_counter() - start
         bar.set_postfix(tokens_per_s=f"{answered / elapsed:.1f}", disk=f"{disk_bytes(out) / 2**20:.0f}MiB")
         bar.update(len(indices))
+    bar.close()
+    summary = summarize(out)
+    summary["wall_s_this_run"] = round(time.perf_counter() - start, 1)
+    return summary
+
+
+def restate(target: TargetAdapter, source: str | Path, out: str | Path, mid_layer: int) -> dict:
+    """The data in `source` with the visual states after `mid_layer` layers instead of its own
+    m* (IVSB studies of m*): the same prompts and answers, each prompt + answer run once more
+    through the target, teacher-forced; nothing is generated. Shards and resuming as `datagen`.
+    The target must be the one `source` was made with."""
+    from safetensors import safe_open
+
+    from sparrow.training.prompts import read_prompts
+
+    source, out = Path(source), Path(out)
+    if not (source / MANIFEST).is_file():
+        raise DataError(f"--from {source}: not a datagen output directory (no {MANIFEST})")
+    if source.resolve() == out.resolve():
+        raise DataError(f"--from {source} and --out are the same directory; give another --out")
+    old = json.loads((source / MANIFEST).read_text())
+    if old["target"] != target_fingerprint(target):
+        raise DataError(f"--from {source} was made with another target ({old['target']['name']}, "
+                        f"weights {old['target']['weights']}); restate it with that target")
+    if not 0 <= mid_layer <= target.num_layers:
+        raise DataError(f"--mid-layer {mid_layer}: the target has {target.num_layers} layers")
+    prompts = read_prompts(source / PROMPTS)
+    settings = {**old["settings"], "mid_layer": mid_layer}
+    _open_run(out, prompts, {"format": FORMAT, "target": old["target"], "settings": settings,
+                             "restated_from": str(source)})
+    shards = sorted(source.glob("shard-*.safetensors"))
+    todo = [path for path in shards if not (out / path.name).is_file()]
+    start = time.perf_counter()
+    bar = tqdm(total=len(shards), initial=len(shards) - len(todo), desc="restate", unit="shard")
+    for path in todo:
+        with safe_open(str(path), framework="pt") as f:
+            input_ids, offsets = f.get_tensor("input_ids").long(), f.get_tensor("offsets").tolist()
+            indices = f.get_tensor("prompt_index").tolist()
+        samples = []
+        for i, index in enumerate(indices):
+            full = input_ids[offsets[i]:offsets[i + 1]]
+            ids, video = _inputs(target, prompts[index])
+            if not torch.equal(full[:ids.shape[0]], ids.cpu()):
+                raise DataError(f"--from {source}: {path.name} sample {i} does not start with its "
+                                f"prompt (prompt {index}); the data or the tokenizer changed")
+            samples.append(_sample_states(target, ids, full[ids.shape[0]:].tolist(), video, mid_layer))
+        _write_shard(out / path.name, samples, indices)
+        bar.update(1)
     bar.close()
     summary = summarize(out)
     summary["wall_s_this_run"] = round(time.perf_counter() - start, 1)
