@@ -36,14 +36,16 @@ def test_a_misspelt_kernel_name_is_an_error_not_a_missing_kernel():
 @pytest.fixture(scope="module")
 def decode_kernel(built):
     if not native.available("decode_attention"):
-        pytest.skip("the decode kernel is AVX-512 only: on this CPU decode attention stays with SDPA "
+        pytest.skip("the decode kernel needs AVX-512 or AVX2 with FMA: on this CPU decode "
+                    "attention stays with SDPA "
                     "(test_decoding_through_the_kernel_equals_generate checks that)")
 
 
 @pytest.fixture(scope="module")
 def tree_kernel(built):
     if not native.available("tree_attention"):
-        pytest.skip("the tree kernel is AVX-512 only: on this CPU tree attention stays with SDPA "
+        pytest.skip("the tree kernel needs AVX-512 or AVX2 with FMA: on this CPU tree attention "
+                    "stays with SDPA "
                     "(test_speculative_decoding_through_the_kernels_equals_generate checks that)")
 
 

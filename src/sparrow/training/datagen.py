@@ -254,8 +254,6 @@ def restate(target: TargetAdapter, source: str | Path, out: str | Path, mid_laye
     The target must be the one `source` was made with."""
     from safetensors import safe_open
 
-    from sparrow.training.prompts import read_prompts
-
     source, out = Path(source), Path(out)
     if not (source / MANIFEST).is_file():
         raise DataError(f"--from {source}: not a datagen output directory (no {MANIFEST})")
@@ -267,7 +265,7 @@ def restate(target: TargetAdapter, source: str | Path, out: str | Path, mid_laye
                         f"weights {old['target']['weights']}); restate it with that target")
     if not 0 <= mid_layer <= target.num_layers:
         raise DataError(f"--mid-layer {mid_layer}: the target has {target.num_layers} layers")
-    prompts = read_prompts(source / PROMPTS)
+    prompts = _recorded_prompts(source)
     settings = {**old["settings"], "mid_layer": mid_layer}
     _open_run(out, prompts, {"format": FORMAT, "target": old["target"], "settings": settings,
                              "restated_from": str(source)})
@@ -293,6 +291,25 @@ def restate(target: TargetAdapter, source: str | Path, out: str | Path, mid_laye
     summary = summarize(out)
     summary["wall_s_this_run"] = round(time.perf_counter() - start, 1)
     return summary
+
+
+def _recorded_prompts(directory: Path) -> list[Prompt]:
+    """The prompts a datagen run recorded, as it recorded them (video paths as the run was given
+    them: absolute, or relative to where it ran; found there, or else beside the data)."""
+    prompts = []
+    for line in (directory / PROMPTS).read_text().splitlines():
+        if not line.strip():
+            continue
+        prompt = Prompt(**json.loads(line))
+        if prompt.video is not None and not Path(prompt.video).is_file():
+            beside = directory / prompt.video
+            if not beside.is_file():
+                raise DataError(f"--from {directory}: video {prompt.video} of its prompts is gone "
+                                f"(looked in {Path.cwd()} and {directory}); restate where the data "
+                                "was made, or restore the videos")
+            prompt = Prompt(**{**prompt.to_dict(), "video": str(beside)})
+        prompts.append(prompt)
+    return prompts
 
 
 def disk_bytes(out: Path) -> int:
