@@ -41,12 +41,13 @@ def decode_kernel(built):
                     "(test_decoding_through_the_kernel_equals_generate checks that)")
 
 
-@pytest.fixture(scope="module")
-def tree_kernel(built):
+@pytest.fixture
+def tree_kernel(built, monkeypatch):
     if not native.available("tree_attention"):
         pytest.skip("the tree kernel needs AVX-512 or AVX2 with FMA: on this CPU tree attention "
                     "stays with SDPA "
                     "(test_speculative_decoding_through_the_kernels_equals_generate checks that)")
+    monkeypatch.setattr(native, "TREE_MIN_LENGTH", {})  # the kernel itself, from MIN_LENGTH keys
 
 
 def _case(kv_heads: int, groups: int, dim: int, length: int, capacity: int, seed: int = 0):
@@ -233,6 +234,19 @@ def test_tree_falls_back_where_it_does_not_apply(tree_kernel):
     assert native.tree_attention(query, key, value, visible, 0.1) is None
 
 
+def test_tree_threshold_follows_the_vector_width(tree_kernel, monkeypatch):
+    """Below its width's threshold the tree kernel declines (SDPA is faster there), from it on
+    it runs."""
+    lanes = native.library().sparrow_lanes
+    monkeypatch.setattr(native, "TREE_MIN_LENGTH", {lanes: 3000})
+    assert native.tree_min_length() == 3000
+    query, key, value, visible = _tree_case(2, 6, 64, 4, 4, 2999)
+    assert native.tree_attention(query, key, value, visible, 0.1) is None
+    query, key, value, visible = _tree_case(2, 6, 64, 4, 4, 3000)
+    assert native.tree_attention(query, key, value, visible, 0.1) is not None
+    assert f":{native.tree_min_length()}:" in native.fingerprint()  # autotree costs re-measured
+
+
 @pytest.mark.parametrize("family", ["llava_onevision", "qwen2_vl"])
 @pytest.mark.parametrize("mode", ["sparrow", "eagle"])
 def test_speculative_decoding_through_the_kernels_equals_generate(built, family, mode, monkeypatch):
@@ -247,6 +261,7 @@ def test_speculative_decoding_through_the_kernels_equals_generate(built, family,
         return call
 
     monkeypatch.setattr(native, "MIN_LENGTH", 1)  # tiny prompts: every step through the kernels
+    monkeypatch.setattr(native, "TREE_MIN_LENGTH", {})
     monkeypatch.setattr(native, "tree_attention", counted("tree"))
     monkeypatch.setattr(native, "decode_attention", counted("decode"))
     target = wrap_model(tiny_model(family), tiny_tokenizer(family))
@@ -255,7 +270,7 @@ def test_speculative_decoding_through_the_kernels_equals_generate(built, family,
     result = generate(target, input_ids, None, method=mode, draft=init_draft(target, mode),
                       max_new_tokens=24)
     assert result.token_ids == reference
-    # tree verifies (and the draft's own trees) through the kernel, or, on a CPU without AVX-512,
-    # through SDPA: every call declined
+    # tree verifies (and the draft's own trees) through the kernel, or, on a CPU with neither
+    # AVX-512 nor AVX2, through SDPA: every call declined
     tree = native.available("tree_attention")
     assert calls["tree"] and all(used == tree for used in calls["tree"])

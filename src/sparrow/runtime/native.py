@@ -46,6 +46,9 @@ CHUNK = 512  # keys per work item at most: fp32 sums over at most 512 terms befo
 # the work to SDPA: each work item keeps every row's partial result, and long appended prompts
 # are better served by SDPA's own flash kernel than by (chunks x rows) partial states.
 MAX_TREE_ROWS = 1024
+# Cached tokens from which tree attention runs natively, by the kernels' vector width: the 8-lane
+# (AVX2) tree kernel is slower than SDPA over 2k keys and faster from 4k (docs/runtime.md).
+TREE_MIN_LENGTH = {16: MIN_LENGTH, 8: 4096}
 # Input rows up to which `linear` streams the weights itself (the kernel takes up to 64); more
 # rows go to oneDNN's packed kernel, where the FMAs rather than the weight stream set the pace
 # (the crossover, measured by benchmarks/linear_rows.py: docs/runtime.md).
@@ -78,7 +81,14 @@ def fingerprint() -> str:
     lib = library()
     if lib is None:
         return "torch"
-    return f"{lib.sparrow_build}:{MIN_LENGTH}:{MAX_TREE_ROWS}:{LINEAR_MAX_ROWS}"
+    return (f"{lib.sparrow_build}:{MIN_LENGTH}:{tree_min_length()}:{MAX_TREE_ROWS}:"
+            f"{LINEAR_MAX_ROWS}")
+
+
+def tree_min_length() -> int:
+    """Cached tokens from which `tree_attention` runs the native kernel on this machine."""
+    lib = library()
+    return MIN_LENGTH if lib is None else max(MIN_LENGTH, TREE_MIN_LENGTH.get(lib.sparrow_lanes, MIN_LENGTH))
 
 
 @functools.cache
@@ -127,6 +137,8 @@ def library() -> ctypes.CDLL | None:
     lib.linear_rows.restype = ctypes.c_int
     lib.linear_rows_available.restype = ctypes.c_int
     # asked once here: `available` runs on every kernel call (each linear of a decode step)
+    lib.attention_lanes.restype = ctypes.c_int
+    lib.sparrow_lanes = lib.attention_lanes()  # vector width: 16 (AVX-512), 8 (AVX2) or 1
     lib.sparrow_build = target.stem  # the build key, for `fingerprint`
     lib.sparrow_available = frozenset(
         kernel for kernel in KERNEL_NAMES if getattr(lib, f"{kernel}_available")())
@@ -195,7 +207,7 @@ def tree_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     _, heads, q_len, dim = query.shape
     kv_heads, length = key.shape[1], key.shape[2]
     masked = visible.shape[1]
-    if (dim % 8 or visible.shape[0] != q_len or masked > length
+    if (dim % 8 or visible.shape[0] != q_len or masked > length or length < tree_min_length()
             or heads // key.shape[1] * q_len > MAX_TREE_ROWS or not _applies(query, key, value)):
         return None
     if not available("tree_attention"):

@@ -723,3 +723,7 @@ int tree_attention(const float *q, const float *k, const float *v, const uint8_t
 
 int tree_attention_available(void) { return 0; }
 #endif
+
+/* The vector width the kernels were built with (16: AVX-512, 8: AVX2, 1: neither): the caller's
+ * length thresholds depend on it. */
+int attention_lanes(void) { return VECTOR; }
