@@ -12,10 +12,10 @@ torch has already loaded, so its threads are torch's.
 
 Without a compiler (or with SPARROW_NATIVE=0) nothing is built and callers fall back to
 torch's kernels: the functions return None. Each kernel is also built only where it beats
-torch's (`available`): the attention kernels with AVX-512, the row kernel with AVX-512 or AVX2.
-On CPUs with AVX2 but not AVX-512, attention stays with SDPA: neither a portable C path nor
-AVX2 builds of the attention kernels were faster than SDPA there; the row kernel's AVX2 pass
-does stream the weights faster than oneDNN's (measurements: docs/runtime.md).
+torch's (`available`): every kernel with AVX-512 or AVX2 with FMA, each ISA with its own register
+blocking; elsewhere torch's kernels run. From how many cached tokens the attention kernels take
+over (`MIN_LENGTH`, and `TREE_MIN_LENGTH` by vector width) is measured by
+benchmarks/attention_kernels.py (docs/runtime.md).
 
 What is left of a CPU decode step besides these kernels is the model's own eager Python and
 small ops. The language model is not compiled with torch.compile: with these kernels
@@ -147,7 +147,7 @@ def library() -> ctypes.CDLL | None:
 
 def available(kernel: str) -> bool:
     """Whether `kernel` ("decode_attention", "tree_attention" or "linear_rows") is built for this
-    CPU (AVX-512 for the attention kernels, AVX-512 or AVX2 for the row kernel); where not, its
+    CPU (AVX-512 or AVX2 with FMA); where not, its
     function returns None and callers keep torch's kernels."""
     if kernel not in KERNEL_NAMES:  # a misspelt name must not read as "not built here"
         raise ValueError(f"unknown native kernel {kernel!r}; one of {', '.join(KERNEL_NAMES)}")
