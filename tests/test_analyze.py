@@ -125,9 +125,13 @@ def test_drift_is_cosine_to_the_input_embedding_per_layer(target, prompt):
                        **video.model_kwargs()).hidden_states
     visual = out.visual_mask
     for row in drift[:-1]:  # transformers' last entry is after the final norm; ours before it
-        cos = F.cosine_similarity(states[row["layer"]][0], states[0][0], dim=-1)
+        state, base = states[row["layer"]][0].detach(), states[0][0].detach()
+        cos = F.cosine_similarity(state, base, dim=-1)
         assert row["visual"] == pytest.approx(float(cos[visual].mean()), abs=1e-4)
         assert row["text"] == pytest.approx(float(cos[~visual].mean()), abs=1e-4)
+        centered = F.cosine_similarity(state - state.mean(0), base - base.mean(0), dim=-1)
+        assert row["visual_centered"] == pytest.approx(float(centered[visual].mean()), abs=1e-4)
+        assert row["text_centered"] == pytest.approx(float(centered[~visual].mean()), abs=1e-4)
     assert drift[0]["visual"] == pytest.approx(1.0) and drift[0]["text"] == pytest.approx(1.0)
 
 
@@ -185,9 +189,11 @@ def test_run_resumes_and_reports(target, video_file, tmp_path):
                           max_new_tokens=10)
     records = [json.loads(line) for line in (out / RECORDS).read_text().splitlines()]
     assert sorted((r["kind"], r["index"]) for r in records) == [
-        ("dilution", 0), ("dilution", 1), ("removal", 0), ("removal", 1)]
+        ("dilution", 0), ("dilution", 1), ("drift", 0), ("drift", 1), ("removal", 0), ("removal", 1)]
     full = [e for e in report["removal"] if e["layer"] == target.num_layers][0]
     assert full["agreement"] == pytest.approx(1.0) and full["identical"] == 2  # nothing removed
+    assert report["findings"]["identical_from"] is not None
+    assert report["findings"]["keeps_95_by"] == "agreement"  # no facts for these videos
     assert [e["layer"] for e in report["drift"]] == list(range(target.num_layers + 1))
     assert 0 <= report["dilution"][0]["mass"] <= 1
     for name in ("analyze.json", "analyze.md", "analyze.png"):
@@ -202,6 +208,18 @@ def test_run_resumes_and_reports(target, video_file, tmp_path):
 
 def _key(record):
     return record["kind"], record["length"], record["index"]
+
+
+def test_findings_read_the_curves():
+    from sparrow.analyze import findings
+
+    curve = [{"layer": x, "videos": 2, "identical": 2 if x >= 4 else 0, "agreement": 0.9,
+              "score": 0.8 if x >= 3 else 0.1} for x in range(6)]
+    curve[5]["score"] = 0.8
+    profile = [{"layer": x, "visual": 1 - 0.2 * x, "visual_centered": 1 - 0.3 * x} for x in range(6)]
+    got = findings(curve, profile, score_full=0.8)
+    assert got == {"identical_from": 4, "keeps_95": 3, "keeps_95_by": "score",
+                   "visual_cosine_below_0_25": 4, "visual_centered_cosine_below_0_25": 3}
 
 
 def test_layers_parse_and_default():

@@ -19,7 +19,9 @@ Three measurements, on the same held-out videos as `sparrow bench`:
     drift     per layer l, the mean cosine similarity of the hidden state after l layers to the
               input embedding at the same position (l = 0 is 1), separately at visual positions
               and at text positions of the prompt: where visual states stop resembling their
-              projector inputs.
+              projector inputs; also centered (each layer's mean state over the prompt
+              subtracted), as a few dimensions every position shares can dominate the plain
+              cosine of a small model.
     dilution  the share of an EAGLE-full draft's attention that lands on visual positions, per
               length: the draft decodes in eagle mode (every prompt position in its cache) and
               an attention function that is the engine's own records, for every draft query
@@ -205,20 +207,17 @@ def _prompt(target: TargetAdapter, case):
 
 
 @torch.no_grad()
-def removal_and_drift(target: TargetAdapter, case, layers: list[int], max_new_tokens: int,
-                      score: Callable[[object, str], float] | None) -> dict:
-    """One video's removal curve and drift profile (module docstring)."""
+def removal(target: TargetAdapter, case, layers: list[int], max_new_tokens: int,
+            score: Callable[[object, str], float] | None) -> dict:
+    """One video's removal curve (module docstring)."""
     from sparrow.speculative.generate import generate
 
     ids, video = _prompt(target, case)
-    num_layers = target.num_layers
-    out = target.prefill(ids, video, layers=tuple(range(num_layers + 1)))
+    out = target.prefill(ids, video)
     visual_mask = out.visual_mask
     if not bool(visual_mask.any()):
         raise ConfigError(f"{case.video}: the prompt has no visual positions; analyze needs a video")
-    drift = _drift(out.layer_hidden, visual_mask, num_layers)
     prefix = target.snapshot()
-    prefix.layer_hidden = {}
     reference = generate(target, ids, video, max_new_tokens=max_new_tokens, prefix=prefix)
     answer = torch.tensor(reference.token_ids, dtype=torch.long)
     end = int(visual_mask.nonzero()[-1]) + 1  # the video's last slot + 1
@@ -243,7 +242,7 @@ def removal_and_drift(target: TargetAdapter, case, layers: list[int], max_new_to
         curve.append(row)
     record = {"kind": "removal", "length": case.length, "index": case.index,
               "visual_tokens": int(visual_mask.sum()), "answer_tokens": int(answer.numel()),
-              "curve": curve, "drift": drift}
+              "curve": curve}
     if score is not None:
         record["score_full"] = score(case, target.tokenizer.decode(reference.token_ids,
                                                                    skip_special_tokens=True))
@@ -260,14 +259,35 @@ def forced_logits(target: TargetAdapter, ids: torch.Tensor, video, video_prefix:
     return target.lm_head(out.hidden).float()
 
 
+@torch.no_grad()
+def drift(target: TargetAdapter, case) -> dict:
+    """One video's drift profile (module docstring)."""
+    ids, video = _prompt(target, case)
+    out = target.prefill(ids, video, layers=tuple(range(target.num_layers + 1)))
+    if not bool(out.visual_mask.any()):
+        raise ConfigError(f"{case.video}: the prompt has no visual positions; analyze needs a video")
+    return {"kind": "drift", "length": case.length, "index": case.index,
+            "visual_tokens": int(out.visual_mask.sum()),
+            "layers": _drift(out.layer_hidden, out.visual_mask, target.num_layers)}
+
+
 def _drift(layer_hidden: dict[int, torch.Tensor], visual: torch.Tensor, num_layers: int) -> list[dict]:
-    """Per layer: mean cosine of the state to the input embedding, visual and text positions."""
+    """Per layer: mean cosine of the state to the input embedding, at visual and at text
+    positions; and the same centered (each layer's mean state over the prompt subtracted, from
+    the state and from the embedding alike): a few dimensions that every position shares (a
+    small model's massive activations) can dominate the plain cosine."""
     base = layer_hidden[0].float()
+    centered_base = base - base.mean(0)
     rows = []
     for layer in range(num_layers + 1):
-        cos = F.cosine_similarity(layer_hidden[layer].float(), base, dim=-1)  # (L,)
+        state = layer_hidden[layer].float()
+        cos = F.cosine_similarity(state, base, dim=-1)  # (L,)
+        centered = F.cosine_similarity(state - state.mean(0), centered_base, dim=-1)
+        text = bool((~visual).any())
         rows.append({"layer": layer, "visual": float(cos[visual].mean()),
-                     "text": float(cos[~visual].mean()) if bool((~visual).any()) else None})
+                     "text": float(cos[~visual].mean()) if text else None,
+                     "visual_centered": float(centered[visual].mean()),
+                     "text_centered": float(centered[~visual].mean()) if text else None})
     return rows
 
 
@@ -314,14 +334,16 @@ def run_analysis(target: TargetAdapter, removal_cases: list, dilution_cases: lis
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     done = {_key(r) for r in load_records(out)}
-    jobs = [("removal", c) for c in removal_cases]
+    jobs = [("drift", c) for c in removal_cases] + [("removal", c) for c in removal_cases]
     if draft is not None:
         jobs += [("dilution", c) for c in dilution_cases]
     todo = [(kind, c) for kind, c in jobs if (kind, c.length, c.index) not in done]
     for kind, case in tqdm(todo, desc="analyze", unit="video"):
         began = time.perf_counter()
-        if kind == "removal":
-            record = removal_and_drift(target, case, layers, max_new_tokens, score)
+        if kind == "drift":
+            record = drift(target, case)
+        elif kind == "removal":
+            record = removal(target, case, layers, max_new_tokens, score)
         else:
             record = dilution(target, draft, case, tree, max_new_tokens)
         record["seconds"] = round(time.perf_counter() - began, 1)
@@ -340,21 +362,21 @@ def summarize(records: list[dict]) -> dict:
         se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else None
         return statistics.mean(values), se
 
-    removal = [r for r in records if r["kind"] == "removal"]
+    removed = [r for r in records if r["kind"] == "removal"]
     curve = []
-    for layer in sorted({row["layer"] for r in removal for row in r["curve"]}):
-        rows = [row for r in removal for row in r["curve"] if row["layer"] == layer]
+    for layer in sorted({row["layer"] for r in removed for row in r["curve"]}):
+        rows = [row for r in removed for row in r["curve"] if row["layer"] == layer]
         entry = {"layer": layer, "videos": len(rows)}
         for name in ("agreement", "nll", "score"):
             entry[name], entry[f"{name}_se"] = mean_se([row.get(name) for row in rows])
-        if any("identical" in row for row in rows):
-            entry["identical"] = sum(bool(row.get("identical")) for row in rows)
+        entry["identical"] = sum(bool(row.get("identical")) for row in rows)
         curve.append(entry)
-    drift = []
-    for layer in sorted({row["layer"] for r in removal for row in r["drift"]}):
-        rows = [row for r in removal for row in r["drift"] if row["layer"] == layer]
-        drift.append({"layer": layer, "visual": mean_se([row["visual"] for row in rows])[0],
-                      "text": mean_se([row["text"] for row in rows])[0]})
+    drifted = [r for r in records if r["kind"] == "drift"]
+    profile = []
+    for layer in sorted({row["layer"] for r in drifted for row in r["layers"]}):
+        rows = [row for r in drifted for row in r["layers"] if row["layer"] == layer]
+        profile.append({"layer": layer, **{name: mean_se([row.get(name) for row in rows])[0] for name in
+                                           ("visual", "text", "visual_centered", "text_centered")}})
     dilution_rows = []
     diluted = [r for r in records if r["kind"] == "dilution"]
     for length in sorted({r["length"] for r in diluted}):
@@ -365,29 +387,41 @@ def summarize(records: list[dict]) -> dict:
                               "videos": len(group), "mass": mass, "mass_se": mass_se,
                               "share": statistics.mean(r["share"] for r in group),
                               "tau": statistics.mean(r["tau"] for r in group)})
-    scores = [r["score_full"] for r in removal if "score_full" in r]
-    return {"removal": curve, "drift": drift, "dilution": dilution_rows,
-            "removal_visual_tokens": (statistics.median(r["visual_tokens"] for r in removal)
-                                      if removal else None),
-            "removal_videos": len(removal), "score_full": mean_se(scores)[0],
-            "findings": findings(curve, drift)}
+    scores = [r["score_full"] for r in removed if "score_full" in r]
+    score_full = mean_se(scores)[0]
+    return {"removal": curve, "drift": profile, "dilution": dilution_rows,
+            "removal_visual_tokens": (statistics.median(r["visual_tokens"] for r in removed)
+                                      if removed else None),
+            "removal_videos": len(removed), "score_full": score_full,
+            "findings": findings(curve, profile, score_full)}
 
 
-def findings(curve: list[dict], drift: list[dict]) -> dict:
-    """Where the target stops needing the video (the earliest cut layer from which on every
-    later cut keeps >= 95% of the full target's teacher-forced agreement) and where visual
-    states drift away from their inputs (first layer with visual cosine below 0.25)."""
-    result: dict = {"keeps_95": None, "visual_cosine_below_0_25": None}
-    if curve and curve[-1].get("agreement") is not None:
-        full = curve[-1]["agreement"]  # the last layer: nothing removed
+def findings(curve: list[dict], profile: list[dict], score_full: float | None) -> dict:
+    """Where the target stops needing the video: the earliest cut layer x from which every later
+    cut leaves every answer identical to the full target's, and from which every later cut keeps
+    >= 95% of its key-fact score (or, without scores, of its teacher-forced agreement); where
+    visual states leave their inputs: the first layer whose visual cosine (plain, centered) is
+    below 0.25."""
+    def earliest(holds) -> int | None:
         for i, entry in enumerate(curve):
-            if all(e["agreement"] >= 0.95 * full for e in curve[i:]):
-                result["keeps_95"] = entry["layer"]
-                break
-    for entry in drift:
-        if entry["visual"] is not None and entry["visual"] < 0.25:
-            result["visual_cosine_below_0_25"] = entry["layer"]
-            break
+            if all(holds(e) for e in curve[i:]):
+                return entry["layer"]
+        return None
+
+    result: dict = {"identical_from": None, "keeps_95": None, "keeps_95_by": None,
+                    "visual_cosine_below_0_25": None, "visual_centered_cosine_below_0_25": None}
+    if curve:
+        result["identical_from"] = earliest(lambda e: e["identical"] == e["videos"])
+        if score_full is not None and curve[0].get("score") is not None:
+            result["keeps_95"] = earliest(lambda e: e["score"] >= 0.95 * score_full)
+            result["keeps_95_by"] = "score"
+        elif curve[-1].get("agreement") is not None:
+            full = curve[-1]["agreement"]  # the last layer: nothing removed
+            result["keeps_95"] = earliest(lambda e: e["agreement"] >= 0.95 * full)
+            result["keeps_95_by"] = "agreement"
+    for name in ("visual", "visual_centered"):
+        below = [e["layer"] for e in profile if e[name] is not None and e[name] < 0.25]
+        result[f"{name}_cosine_below_0_25"] = below[0] if below else None
     return result
 
 
@@ -425,9 +459,16 @@ def markdown(report: dict) -> str:
             score = f"{_f(e['score'])} ± {_f(e['score_se'])}" if e.get("score") is not None else "-"
             identical = f"{e['identical']}/{e['videos']}" if "identical" in e else "-"
             lines.append(f"| {e['layer']} | {agreement} | {_f(e['nll'])} | {score} | {identical} |")
+    if report["drift"]:
         lines += ["", "## Drift: cosine of each layer's state to the input embedding", "",
-                  "| layer | visual positions | text positions |", "|---:|---:|---:|"]
-        lines += [f"| {e['layer']} | {_f(e['visual'])} | {_f(e['text'])} |" for e in report["drift"]]
+                  "Mean over positions, then videos; centered: each layer's mean state over the "
+                  "prompt subtracted from the state and from the embedding (a few dimensions shared "
+                  "by every position, a small model's massive activations, can dominate the plain "
+                  "cosine).", "",
+                  "| layer | visual | text | visual, centered | text, centered |",
+                  "|---:|---:|---:|---:|---:|"]
+        lines += [f"| {e['layer']} | {_f(e['visual'])} | {_f(e['text'])} | {_f(e['visual_centered'])} | "
+                  f"{_f(e['text_centered'])} |" for e in report["drift"]]
     if report["dilution"]:
         lines += ["", "## Dilution: the EAGLE-full draft's attention on visual positions "
                   f"(`{report['draft']}`)",
@@ -441,9 +482,11 @@ def markdown(report: dict) -> str:
                          f"{_f(e['share'])} | {_f(e['tau'], 2)} |")
     f = report["findings"]
     lines += ["", "## Findings", "",
-              f"- earliest x from which every later cut keeps >= 95% of the full agreement: {f['keeps_95']}",
+              f"- earliest x from which every later cut leaves every answer identical: {f['identical_from']}",
+              f"- earliest x from which every later cut keeps >= 95% of the full target's "
+              f"{f['keeps_95_by']}: {f['keeps_95']}",
               f"- first layer where visual states' cosine to their inputs is below 0.25: "
-              f"{f['visual_cosine_below_0_25']}"]
+              f"{f['visual_cosine_below_0_25']} (centered: {f['visual_centered_cosine_below_0_25']})"]
     return "\n".join(lines) + "\n"
 
 
@@ -470,6 +513,8 @@ def plot(report: dict, path: Path) -> None:
         x = [e["layer"] for e in drift]
         axes[1].plot(x, [e["visual"] for e in drift], "o-", label="visual positions")
         axes[1].plot(x, [e["text"] for e in drift], "s-", label="text positions")
+        axes[1].plot(x, [e["visual_centered"] for e in drift], "o--", label="visual, centered")
+        axes[1].plot(x, [e["text_centered"] for e in drift], "s--", label="text, centered")
         axes[1].axhline(0.25, color="gray", lw=0.8, ls="--")
         axes[1].set_xlabel("layer")
         axes[1].set_ylabel("cosine to input embedding")
