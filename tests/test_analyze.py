@@ -241,3 +241,18 @@ def test_cli_refuses_a_draft_that_never_sees_the_video(tmp_path, video_file, cap
                  "--prompts", str(prompts), "--out", str(tmp_path / "o")])
     assert code == 2 and "decodes in sparrow mode" in capsys.readouterr().err
     assert not (tmp_path / "o" / RECORDS).exists()
+
+
+def test_reference_score_reads_the_cases_own_video():
+    """The removal score of a reference case is against its own evaluation video's facts: the
+    true description of that video scores 1, another video's scores lower."""
+    from sparrow import fixture
+    from sparrow.bench import Case
+    from sparrow.reference import synthetic
+    from sparrow.reference.eval_target import eval_scene
+
+    case = Case(500, 2, "Describe the video in detail.", None, 12)
+    own = synthetic.describe(synthetic.scene_facts(eval_scene(synthetic.EVAL_SEED_START + 2, 12)))
+    other = synthetic.describe(synthetic.scene_facts(eval_scene(synthetic.EVAL_SEED_START + 3, 12)))
+    assert fixture.reference_score(case, own) == pytest.approx(1.0)
+    assert fixture.reference_score(case, other) < 0.8
