@@ -52,8 +52,9 @@ from tqdm.auto import tqdm
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
+from sparrow.bench import case_prompt
 from sparrow.errors import ConfigError
-from sparrow.runtime.attention import TreeMask, sparrow_attention
+from sparrow.runtime.attention import TreeMask, no_mask, sparrow_attention
 from sparrow.targets.base import PrefixState, TargetAdapter
 
 RECORDS = "records.jsonl"
@@ -142,16 +143,12 @@ def record_attention(module, query, key, value, attention_mask, dropout: float =
     return out
 
 
-def _no_mask(*args, **kwargs) -> None:
-    return None
-
-
 @contextmanager
 def attention_function(config, name: str, function: Callable) -> Iterator[None]:
     """Run `config`'s model through `function` (registered as `name`) inside the block; the
     config's own attention implementation comes back after."""
     AttentionInterface.register(name, function)
-    AttentionMaskInterface.register(name, _no_mask)
+    AttentionMaskInterface.register(name, no_mask)  # causality is the functions' own, as the engine's
     before = config._attn_implementation
     config._attn_implementation = name
     try:
@@ -198,21 +195,13 @@ def parse_layers(text: str, num_layers: int) -> list[int]:
     return layers
 
 
-def _prompt(target: TargetAdapter, case):
-    from sparrow.api import prepare_video
-    from sparrow.video.prompt import build_video_prompt
-
-    video = None if case.video is None else prepare_video(target, case.video, num_frames=case.num_frames)
-    return build_video_prompt(target.tokenizer, target.config, video, case.question), video
-
-
 @torch.no_grad()
 def removal(target: TargetAdapter, case, layers: list[int], max_new_tokens: int,
             score: Callable[[object, str], float] | None) -> dict:
     """One video's removal curve (module docstring)."""
     from sparrow.speculative.generate import generate
 
-    ids, video = _prompt(target, case)
+    ids, video = case_prompt(target, case)
     out = target.prefill(ids, video)
     visual_mask = out.visual_mask
     if not bool(visual_mask.any()):
@@ -229,7 +218,7 @@ def removal(target: TargetAdapter, case, layers: list[int], max_new_tokens: int,
         cut = VisualCut(layer, visual_mask)
         row = {"layer": layer}
         if answer.numel():
-            logits = forced_logits(target, full, video, video_prefix, cut)[prompt_length - 1:]
+            logits = forced_logits(target, full, video, video_prefix, cut)[prompt_length - 1 - end:]
             logp = torch.log_softmax(logits, -1)
             targets = answer.to(logits.device)
             row["agreement"] = float((logits.argmax(-1) == targets).float().mean())
@@ -252,17 +241,18 @@ def removal(target: TargetAdapter, case, layers: list[int], max_new_tokens: int,
 @torch.no_grad()
 def forced_logits(target: TargetAdapter, ids: torch.Tensor, video, video_prefix: PrefixState,
                   cut: VisualCut) -> torch.Tensor:
-    """(L, V) float32 next-token logits at every position of `ids` (L,) under `cut`, the
-    positions `video_prefix` covers (up to the video's end) restored from it, the rest run."""
+    """(L - P, V) float32 next-token logits at the positions of `ids` (L,) after the P that
+    `video_prefix` covers (up to the video's end; restored from it, the rest run under `cut`):
+    the rows the cut can change, and no lm_head over the video."""
     with visual_cut(target, cut):
         out = target.prefill(ids, video, prefix=video_prefix)
-    return target.lm_head(out.hidden).float()
+    return target.lm_head(out.hidden[video_prefix.input_ids.shape[0]:]).float()
 
 
 @torch.no_grad()
 def drift(target: TargetAdapter, case) -> dict:
     """One video's drift profile (module docstring)."""
-    ids, video = _prompt(target, case)
+    ids, video = case_prompt(target, case)
     out = target.prefill(ids, video, layers=tuple(range(target.num_layers + 1)))
     if not bool(out.visual_mask.any()):
         raise ConfigError(f"{case.video}: the prompt has no visual positions; analyze needs a video")
@@ -297,7 +287,7 @@ def dilution(target: TargetAdapter, draft, case, tree, max_new_tokens: int) -> d
     from sparrow.draft.modes import prefill_layers
     from sparrow.speculative.generate import generate
 
-    ids, video = _prompt(target, case)
+    ids, video = case_prompt(target, case)
     config = draft.config
     out = target.prefill(ids, video, layers=prefill_layers("eagle", config.visual, config.mid_layer))
     prefix = target.snapshot()
@@ -327,7 +317,7 @@ def load_records(out: Path) -> list[dict]:
 
 
 def run_analysis(target: TargetAdapter, removal_cases: list, dilution_cases: list, out: str | Path, *,
-                 draft=None, layers: list[int], tree, max_new_tokens: int,
+                 draft=None, draft_name: str | None = None, layers: list[int], tree, max_new_tokens: int,
                  score: Callable[[object, str], float] | None = None, command: str | None = None,
                  settings: dict | None = None) -> dict:
     """Run every missing measurement into `out`/records.jsonl; returns (and writes) the report."""
@@ -349,7 +339,7 @@ def run_analysis(target: TargetAdapter, removal_cases: list, dilution_cases: lis
         record["seconds"] = round(time.perf_counter() - began, 1)
         with open(out / RECORDS, "a") as f:
             f.write(json.dumps(record) + "\n")
-    return write_report(out, target_name=target.name, command=command, draft=getattr(draft, "name", None),
+    return write_report(out, target_name=target.name, command=command, draft=draft_name,
                         settings=settings or {})
 
 

@@ -115,9 +115,6 @@ def run_bench(target, cases: list[Case], drafts: list[str], out: str | Path, *, 
               temperatures: list[float], max_new_tokens: int, seed: int = 0,
               command: str | None = None) -> dict:
     """Run every missing cell into `out`/cells.jsonl; returns the report (and writes it)."""
-    from sparrow.api import prepare_video
-    from sparrow.video.prompt import build_video_prompt
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     methods = _methods(target, drafts, parse_trees(tree))
@@ -133,10 +130,7 @@ def run_bench(target, cases: list[Case], drafts: list[str], out: str | Path, *, 
                    if (case.length, case.index, t, name) not in done]
         if not pending:
             continue
-        video = None
-        if case.video is not None:
-            video = prepare_video(target, case.video, num_frames=case.num_frames)
-        ids = build_video_prompt(target.tokenizer, target.config, video, case.question)
+        ids, video = case_prompt(target, case)
         start = time.perf_counter()
         target.prefill(ids, video, layers=layers)
         prefill_s = time.perf_counter() - start
@@ -168,6 +162,15 @@ def run_bench(target, cases: list[Case], drafts: list[str], out: str | Path, *, 
     bar.close()
     return write_report(out, tree=tree, target_name=target.name, command=command,
                         max_new_tokens=max_new_tokens)
+
+
+def case_prompt(target, case: Case):
+    """A case's prompt ids (1, L) and its prepared video (None without one)."""
+    from sparrow.api import prepare_video
+    from sparrow.video.prompt import build_video_prompt
+
+    video = None if case.video is None else prepare_video(target, case.video, num_frames=case.num_frames)
+    return build_video_prompt(target.tokenizer, target.config, video, case.question), video
 
 
 def _draft_kv_bytes(draft, positions: int | None) -> int:

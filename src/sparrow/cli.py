@@ -337,7 +337,6 @@ def cmd_analyze(args: argparse.Namespace) -> int:
             raise ConfigError(f"--draft {draft_spec}: decodes in {draft.mode} mode and never "
                               "attends to visual positions; give an EAGLE-full draft (eagle mode, "
                               "e.g. reference:eagle), or --draft none")
-        draft.name = draft_spec
     score = None
     if args.prompts:
         prompts = read_prompts(args.prompts)[: args.videos]
@@ -352,7 +351,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
                           "and videos); only the reference target has built-in evaluation videos")
     if any(case.video is None for case in removal):
         raise ConfigError(f"--prompts {args.prompts}: every prompt needs a video to analyze")
-    report = run_analysis(target, removal, dilution, args.out, draft=draft, layers=layers, tree=tree,
+    report = run_analysis(target, removal, dilution, args.out, draft=draft,
+                          draft_name=draft_spec if draft else None, layers=layers, tree=tree,
                           max_new_tokens=args.max_new_tokens, score=score,
                           command="sparrow " + " ".join(sys.argv[1:]),
                           settings={"layers": layers, "max_new_tokens": args.max_new_tokens,

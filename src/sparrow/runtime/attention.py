@@ -128,7 +128,7 @@ def sparrow_attention(
     return out.reshape(batch, heads, q_len, head_dim).transpose(1, 2), None  # (B, q, H, D)
 
 
-def _no_mask(*args, **kwargs) -> None:
+def no_mask(*args, **kwargs) -> None:
     """Causality is handled inside `sparrow_attention`; transformers builds no mask for it."""
     return
 
@@ -136,5 +136,5 @@ def _no_mask(*args, **kwargs) -> None:
 def register() -> str:
     """Register the attention function and its (empty) mask builder; returns the name."""
     AttentionInterface.register(ATTENTION_NAME, sparrow_attention)
-    AttentionMaskInterface.register(ATTENTION_NAME, _no_mask)
+    AttentionMaskInterface.register(ATTENTION_NAME, no_mask)
     return ATTENTION_NAME
