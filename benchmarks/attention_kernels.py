@@ -12,7 +12,7 @@ memory, as a decode step does; one layer's cache alone would sit in L3 at a few 
 tokens). Per length and new-token count q (1: a decode step; more: a tree of q tokens whose
 mask is a random tree): the median over --reps of one pass, in ms, and the K/V stream it
 implies (GB/s). The kernels run at every length here, below the thresholds the engine uses them
-from (`native.MIN_LENGTH`, `native.TREE_MIN_LENGTH`): this is the measurement behind those.
+from (`native.DECODE_MIN_LENGTH`, `native.TREE_MIN_LENGTH`): this is the measurement behind those.
 Writes attention_kernels_<shape>_<isa>.{json,md,png} under --out.
 """
 
@@ -82,8 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     groups, scale = heads // kv_heads, dim**-0.5
     generator = torch.Generator().manual_seed(0)
     built = {name: native.available(name) for name in ("decode_attention", "tree_attention")}
-    tree_min_length = native.tree_min_length()
-    native.TREE_MIN_LENGTH = {}  # the kernel itself at every length: the threshold is measured here
+    decode_min_length, tree_min_length = native.decode_min_length(), native.tree_min_length()
+    # the kernels at every length: the thresholds are measured here
+    native.MIN_LENGTH, native.DECODE_MIN_LENGTH, native.TREE_MIN_LENGTH = 1, {}, {}
     rows = []
     with torch.no_grad():
         for length in args.lengths:
@@ -114,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"command": "python benchmarks/attention_kernels.py " + " ".join(sys.argv[1:]),
               "machine": machine, "shape": dict(zip(("layers", "heads", "kv_heads", "dim"),
                                                     SHAPES[args.shape], strict=True)),
-              "built": built, "min_length": native.MIN_LENGTH, "tree_min_length": tree_min_length,
+              "built": built, "min_length": decode_min_length, "tree_min_length": tree_min_length,
               "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{tag}.json").write_text(json.dumps(result, indent=1))
@@ -125,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
              "fp32, each layer its own cache. Median ms a pass over every layer (K/V stream, GB/s). "
              "q = 1: a decode step; q > 1: a random tree of q tokens. Native kernels built here: "
              + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in built.items())
-             + f"; the engine runs them from {native.MIN_LENGTH} cached tokens (decode) and "
+             + f"; the engine runs them from {decode_min_length} cached tokens (decode) and "
              f"{tree_min_length} (tree) on this machine, SDPA below.", "",
              "| cached tokens | q | K/V MB | SDPA | native | SDPA / native |",
              "|---:|---:|---:|---:|---:|---:|"]

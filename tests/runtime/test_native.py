@@ -63,7 +63,8 @@ def _case(kv_heads: int, groups: int, dim: int, length: int, capacity: int, seed
     (2, 4, 128), (2, 3, 16),  # other multiples of 16: the vectorized generic path
     (3, 2, 40), (2, 12, 64),  # neither (or too many groups for the blocked path): scalar loops
 ])
-@pytest.mark.parametrize("length", [2048, 4099])  # a multiple of 16, and a remainder of 3
+# 512: the shortest cache the AVX2 build takes; a multiple of 16; a remainder of 3
+@pytest.mark.parametrize("length", [512, 2048, 4099])
 def test_kernel_equals_sdpa(decode_kernel, kv_heads, groups, dim, length):
     query, key, value = _case(kv_heads, groups, dim, length, capacity=length + 37)
     scale = dim**-0.5
@@ -113,6 +114,21 @@ def test_falls_back_where_it_does_not_apply(built, monkeypatch):
         native.library.cache_clear()
 
 
+def test_decode_threshold_follows_the_vector_width(decode_kernel, monkeypatch):
+    """Below its width's threshold the decode kernel declines (SDPA is faster there), from it
+    on it runs; never below MIN_LENGTH, whatever the table says."""
+    lanes = native.library().sparrow_lanes
+    monkeypatch.setattr(native, "DECODE_MIN_LENGTH", {lanes: 3000})
+    assert native.decode_min_length() == 3000
+    query, key, value = _case(2, 6, 64, 2999, capacity=3000)
+    assert native.decode_attention(query, key, value, 0.1) is None
+    query, key, value = _case(2, 6, 64, 3000, capacity=3000)
+    assert native.decode_attention(query, key, value, 0.1) is not None
+    assert f":{native.decode_min_length()}:" in native.fingerprint()  # autotree costs re-measured
+    monkeypatch.setattr(native, "DECODE_MIN_LENGTH", {lanes: 8})
+    assert native.decode_min_length() == native.MIN_LENGTH
+
+
 @pytest.mark.parametrize("family", ["llava_onevision", "qwen2_vl"])
 def test_decoding_through_the_kernel_equals_generate(built, family, monkeypatch):
     calls = []
@@ -124,6 +140,7 @@ def test_decoding_through_the_kernel_equals_generate(built, family, monkeypatch)
         return out
 
     monkeypatch.setattr(native, "MIN_LENGTH", 1)  # tiny prompts: let every decode step use it
+    monkeypatch.setattr(native, "DECODE_MIN_LENGTH", {})
     monkeypatch.setattr(native, "decode_attention", counted)
     target = wrap_model(tiny_model(family), tiny_tokenizer(family))
     input_ids = torch.randint(0, 90, (1, 40), generator=torch.Generator().manual_seed(5))
@@ -261,6 +278,7 @@ def test_speculative_decoding_through_the_kernels_equals_generate(built, family,
         return call
 
     monkeypatch.setattr(native, "MIN_LENGTH", 1)  # tiny prompts: every step through the kernels
+    monkeypatch.setattr(native, "DECODE_MIN_LENGTH", {})
     monkeypatch.setattr(native, "TREE_MIN_LENGTH", {})
     monkeypatch.setattr(native, "tree_attention", counted("tree"))
     monkeypatch.setattr(native, "decode_attention", counted("decode"))

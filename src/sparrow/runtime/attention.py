@@ -6,7 +6,7 @@ tokens at its end. Three cases, all without copying the KV cache:
 
 * prefill of a fresh cache (queries == keys): causal SDPA with native GQA;
 * one new token (AR decode step): it sees the whole cache, no mask; on a CPU with a cache of
-  at least `native.MIN_LENGTH` tokens it runs the native split-K kernel of
+  at least `native.decode_min_length()` tokens it runs the native split-K kernel of
   `sparrow.runtime.native` (faster than SDPA over a long cache; docs/runtime.md), else SDPA;
 * q new tokens over a cached prefix (tree verification, or a prompt appended to a cached
   video): the prefix is fully visible and the new tokens see the last m cache positions

@@ -14,7 +14,7 @@ Without a compiler (or with SPARROW_NATIVE=0) nothing is built and callers fall 
 torch's kernels: the functions return None. Each kernel is also built only where it beats
 torch's (`available`): every kernel with AVX-512 or AVX2 with FMA, each ISA with its own register
 blocking; elsewhere torch's kernels run. From how many cached tokens the attention kernels take
-over (`MIN_LENGTH`, and `TREE_MIN_LENGTH` by vector width) is measured by
+over (`DECODE_MIN_LENGTH` and `TREE_MIN_LENGTH`, by vector width) is measured by
 benchmarks/attention_kernels.py (docs/runtime.md).
 
 What is left of a CPU decode step besides these kernels is the model's own eager Python and
@@ -40,15 +40,18 @@ import torch
 
 KERNELS = Path(__file__).parent / "kernels"
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
-MIN_LENGTH = 2048  # shorter caches keep SDPA: there the native call costs more (measured: docs/runtime.md)
+MIN_LENGTH = 512  # no attention kernel below: there the native call costs more than SDPA's work
 CHUNK = 512  # keys per work item at most: fp32 sums over at most 512 terms before the merge
 # Query rows per KV head (query heads per KV head x new tokens) above which tree attention leaves
 # the work to SDPA: each work item keeps every row's partial result, and long appended prompts
 # are better served by SDPA's own flash kernel than by (chunks x rows) partial states.
 MAX_TREE_ROWS = 1024
-# Cached tokens from which tree attention runs natively, by the kernels' vector width: the 8-lane
-# (AVX2) tree kernel is slower than SDPA over 2k keys and faster from 4k (docs/runtime.md).
-TREE_MIN_LENGTH = {16: MIN_LENGTH, 8: 4096}
+# Cached tokens from which each attention kernel runs natively, by the kernels' vector width
+# (shorter caches keep SDPA; measured by benchmarks/attention_kernels.py, docs/runtime.md): the
+# 8-lane (AVX2) decode kernel beats SDPA from 512 keys, the 8-lane tree kernel from 4k; the
+# 16-lane (AVX-512) thresholds were measured at 2k-4k.
+DECODE_MIN_LENGTH = {16: 2048, 8: 512}
+TREE_MIN_LENGTH = {16: 2048, 8: 4096}
 # Input rows up to which `linear` streams the weights itself (the kernel takes up to 64); more
 # rows go to oneDNN's packed kernel, where the FMAs rather than the weight stream set the pace
 # (the crossover, measured by benchmarks/linear_rows.py: docs/runtime.md).
@@ -81,14 +84,23 @@ def fingerprint() -> str:
     lib = library()
     if lib is None:
         return "torch"
-    return (f"{lib.sparrow_build}:{MIN_LENGTH}:{tree_min_length()}:{MAX_TREE_ROWS}:"
+    return (f"{lib.sparrow_build}:{decode_min_length()}:{tree_min_length()}:{MAX_TREE_ROWS}:"
             f"{LINEAR_MAX_ROWS}")
+
+
+def _min_length(thresholds: dict[int, int]) -> int:
+    lib = library()
+    return MIN_LENGTH if lib is None else max(MIN_LENGTH, thresholds.get(lib.sparrow_lanes, MIN_LENGTH))
+
+
+def decode_min_length() -> int:
+    """Cached tokens from which `decode_attention` runs the native kernel on this machine."""
+    return _min_length(DECODE_MIN_LENGTH)
 
 
 def tree_min_length() -> int:
     """Cached tokens from which `tree_attention` runs the native kernel on this machine."""
-    lib = library()
-    return MIN_LENGTH if lib is None else max(MIN_LENGTH, TREE_MIN_LENGTH.get(lib.sparrow_lanes, MIN_LENGTH))
+    return _min_length(TREE_MIN_LENGTH)
 
 
 @functools.cache
@@ -157,7 +169,8 @@ def available(kernel: str) -> bool:
 
 def _applies(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
     """The kernels' common conditions: one sequence of fp32 CPU tensors without autograd, rows
-    of keys and values contiguous, a whole number of query heads per KV head, a long cache."""
+    of keys and values contiguous, a whole number of query heads per KV head, a cache of at
+    least MIN_LENGTH tokens."""
     return (query.shape[0] == 1 and key.shape[2] >= MIN_LENGTH and query.device.type == "cpu"
             and all(t.dtype == torch.float32 for t in (query, key, value))
             and key.stride(-1) == 1 and value.stride(-1) == 1 and query.shape[1] % key.shape[1] == 0
@@ -180,7 +193,8 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     """
     _, heads, q_len, dim = query.shape
     kv_heads, length = key.shape[1], key.shape[2]
-    if q_len != 1 or not _applies(query, key, value) or not available("decode_attention"):
+    if (q_len != 1 or length < decode_min_length() or not _applies(query, key, value)
+            or not available("decode_attention")):
         return None
     lib = library()
     q = query.reshape(heads, dim).contiguous()
