@@ -346,26 +346,44 @@ def _ablation_tables(rows: list[dict]) -> list[str]:
 
 
 def plot(rows: list[dict], path: Path) -> None:
+    """tau (top) and DSR ± SE (bottom) against visual tokens, a column per tree, a colour per
+    draft, solid at the lowest temperature and dashed above it (AR is the DSR = 1 line)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    for temperature in sorted({r["temperature"] for r in rows}):
-        for method in sorted({r["method"] for r in rows}):
-            mine = [r for r in rows if r["method"] == method and r["temperature"] == temperature]
-            xs = [r["visual_tokens"] for r in mine]
-            label = f"{method} T={temperature:g}"
-            left.plot(xs, [r["tau"] for r in mine], marker="o", label=label)
-            right.plot(xs, [r["dsr"] or 0 for r in mine], marker="o", label=label)
-    for axis, name in ((left, "tau (tokens per target call)"), (right, "DSR (decode speedup over AR)")):
-        axis.set_xscale("log")
-        axis.set_xlabel("visual tokens")
-        axis.set_ylabel(name)
-        axis.grid(alpha=0.3)
-    right.axhline(1.0, color="grey", lw=0.8)
-    left.legend(fontsize=7)
+    drafts = [r for r in rows if r["method"] != "ar"]
+    trees = list(dict.fromkeys(r["method"].partition("@")[2] for r in drafts)) or [""]
+    names = list(dict.fromkeys(r["method"].partition("@")[0] for r in drafts))
+    colours = {name: f"C{i % 10}" for i, name in enumerate(names)}
+    temperatures = sorted({r["temperature"] for r in rows})
+    fig, axes = plt.subplots(2, len(trees), figsize=(5 * len(trees), 7), squeeze=False, sharex=True,
+                             sharey="row")
+    for column, tree in enumerate(trees):
+        top, bottom = axes[0][column], axes[1][column]
+        for name in names:
+            for temperature in temperatures:
+                method = f"{name}@{tree}" if tree else name
+                mine = [r for r in drafts if r["method"] == method and r["temperature"] == temperature]
+                if not mine:
+                    continue
+                style = {"color": colours[name], "ls": "-" if temperature == temperatures[0] else "--",
+                         "marker": "o" if temperature == temperatures[0] else "^",
+                         "label": f"{name} T={temperature:g}"}
+                xs = [r["visual_tokens"] for r in mine]
+                top.plot(xs, [r["tau"] for r in mine], **style)
+                bottom.errorbar(xs, [r["dsr"] or 0 for r in mine], capsize=2,
+                                yerr=[r.get("dsr_se") or 0 for r in mine], **style)
+        top.set_title(f"tree {tree}" if tree else "")
+        top.set_ylabel("tau (tokens per target call)")
+        bottom.set_ylabel("DSR (decode speedup over AR)")
+        bottom.axhline(1.0, color="grey", lw=0.8)
+        bottom.set_xlabel("visual tokens")
+        for axis in (top, bottom):
+            axis.set_xscale("log")
+            axis.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
