@@ -90,13 +90,13 @@ def frozen_prefix_step(model, batch: dict, device: str = "cpu") -> float:
     with torch.no_grad(), autocast(device):
         model.model(input_ids=ids[:1, :cut], pixel_values_videos=batch["pixel_values_videos"],
                     attention_mask=torch.ones_like(ids[:1, :cut]), position_ids=positions[:1, :cut],
-                    past_key_values=cache, use_cache=True)
+                    cache=cache, use_cache=True)
     total = 0.0
     for row, length in enumerate(batch["attention_mask"].sum(dim=1).tolist()):
         with autocast(device):
             words = ids[row:row + 1, cut:length]
             hidden = model.model(input_ids=words, attention_mask=torch.ones_like(ids[row:row + 1, :length]),
-                                 position_ids=positions[row:row + 1, cut:length], past_key_values=cache,
+                                 position_ids=positions[row:row + 1, cut:length], cache=cache,
                                  use_cache=True).last_hidden_state
             predict = labels[row:row + 1, cut + 1:length]
             logits = model.lm_head(hidden[:, :-1][predict])
