@@ -169,9 +169,9 @@ def available(kernel: str) -> bool:
 
 def _applies(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
     """The kernels' common conditions: one sequence of fp32 CPU tensors without autograd, rows
-    of keys and values contiguous, a whole number of query heads per KV head, a cache of at
-    least MIN_LENGTH tokens."""
-    return (query.shape[0] == 1 and key.shape[2] >= MIN_LENGTH and query.device.type == "cpu"
+    of keys and values contiguous, a whole number of query heads per KV head (the length each
+    kernel needs is its own threshold: `decode_min_length`, `tree_min_length`)."""
+    return (query.shape[0] == 1 and query.device.type == "cpu"
             and all(t.dtype == torch.float32 for t in (query, key, value))
             and key.stride(-1) == 1 and value.stride(-1) == 1 and query.shape[1] % key.shape[1] == 0
             and not (torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))))
