@@ -198,6 +198,10 @@ def _tree_reference(query, key, value, visible, scale, dtype=torch.float32):
     (2, 7, 80, 5, 9),  # an odd group count, head dim 80
     (4, 2, 8, 33, 40),  # the smallest head dim
     (2, 12, 64, 3, 3),  # more query heads per KV head than the decode kernel blocks
+    (3, 3, 64, 31, 31),  # the reference target's 30-4-8 verify: 93 rows
+    (3, 3, 64, 3, 3),  # 9 rows; below, 27 and 14: AVX2's value pass in 6-row groups, each remainder
+    (1, 9, 64, 3, 3),
+    (1, 1, 64, 14, 14),
 ])
 @pytest.mark.parametrize("length", [2048, 4099])
 def test_tree_kernel_equals_sdpa(tree_kernel, kv_heads, groups, dim, q, masked, length):

@@ -535,6 +535,41 @@ static inline __attribute__((always_inline)) void values_kernel(
         _Pragma("GCC unroll 2") for (int j = 0; j < RV; j++) _mm256_storeu_ps(ot + db * ROW_BLOCK + 8 * j, acc[db][j]);
 }
 
+/* out[r][d0 ..] for RB rows and DV vectors of dims: sum over the n keys of p[key][r] * v[key][d],
+ * the dims along the lanes (a value row is contiguous) and a row's weight broadcast. From 9 rows
+ * on it beats values_kernel, whose output needs a transpose besides; at 8 rows or fewer it loses
+ * (docs/runtime.md). */
+static inline __attribute__((always_inline)) void values_rows_kernel(
+    const int RB, const int DV, const float *st, int64_t n, const float *v, int64_t v_row,
+    float *out, int64_t out_row) {
+    __m256 acc[6][2];
+    _Pragma("GCC unroll 6") for (int r = 0; r < RB; r++)
+        _Pragma("GCC unroll 2") for (int j = 0; j < DV; j++) acc[r][j] = _mm256_setzero_ps();
+    for (int64_t t = 0; t < n; t++) {
+        __m256 x[2];
+        _Pragma("GCC unroll 2") for (int j = 0; j < DV; j++) x[j] = _mm256_loadu_ps(v + t * v_row + 8 * j);
+        _Pragma("GCC unroll 6") for (int r = 0; r < RB; r++) {
+            __m256 p = _mm256_broadcast_ss(st + t * ROW_BLOCK + r);
+            _Pragma("GCC unroll 2") for (int j = 0; j < DV; j++) acc[r][j] = _mm256_fmadd_ps(p, x[j], acc[r][j]);
+        }
+    }
+    _Pragma("GCC unroll 6") for (int r = 0; r < RB; r++)
+        _Pragma("GCC unroll 2") for (int j = 0; j < DV; j++) _mm256_storeu_ps(out + r * out_row + 8 * j, acc[r][j]);
+}
+
+#define VALUES_ROWS_CASE(RB) case RB: \
+    if (dv == 2) values_rows_kernel(RB, 2, st, n, v, v_row, out, out_row); \
+    else values_rows_kernel(RB, 1, st, n, v, v_row, out, out_row); \
+    break;
+static void values_rows(int rb, int dv, const float *st, int64_t n, const float *v, int64_t v_row,
+                        float *out, int64_t out_row) {
+    switch (rb) {
+        VALUES_ROWS_CASE(1) VALUES_ROWS_CASE(2) VALUES_ROWS_CASE(3)
+        VALUES_ROWS_CASE(4) VALUES_ROWS_CASE(5) VALUES_ROWS_CASE(6)
+        default: break;
+    }
+}
+
 /* One block of up to 16 query rows (RV vectors) of one KV head against keys [begin, begin + n):
  * their maxima, sums and unnormalized outputs into maxima[r], sums[r], acc[r * dim ...). */
 static inline __attribute__((always_inline)) void tree_block(
@@ -578,12 +613,20 @@ static inline __attribute__((always_inline)) void tree_block(
         _mm256_storeu_ps(maxima_block + 8 * j, mx[j]);
         _mm256_storeu_ps(totals_block + 8 * j, total[j]);
     }
-    for (int64_t d0 = 0; d0 < dim; d0 += 8 / RV)
-        values_kernel(RV, st, n, v + begin * v_row + d0, v_row, ot + d0 * ROW_BLOCK);
+    if (RV == 2) {
+        for (int64_t r0 = 0; r0 < live; r0 += 6)
+            for (int64_t d0 = 0; d0 < dim; d0 += 16)
+                values_rows(live - r0 < 6 ? (int)(live - r0) : 6, dim - d0 >= 16 ? 2 : 1, st + r0, n,
+                            v + begin * v_row + d0, v_row, acc + r0 * dim + d0, dim);
+    } else {
+        for (int64_t d0 = 0; d0 < dim; d0 += 8 / RV)
+            values_kernel(RV, st, n, v + begin * v_row + d0, v_row, ot + d0 * ROW_BLOCK);
+        for (int64_t r = 0; r < live; r++)
+            for (int64_t d = 0; d < dim; d++) acc[r * dim + d] = ot[d * ROW_BLOCK + r];
+    }
     for (int64_t r = 0; r < live; r++) {
         maxima[r] = maxima_block[r];
         sums[r] = totals_block[r];
-        for (int64_t d = 0; d < dim; d++) acc[r * dim + d] = ot[d * ROW_BLOCK + r];
     }
 }
 
