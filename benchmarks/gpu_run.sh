@@ -21,8 +21,8 @@ python3 -c "import torch, transformers; print('torch', torch.__version__, 'trans
     | tee -a "$out/gpu.txt"
 
 SPARROW_TEST_DEVICE=cuda timeout 200 python3 -m pytest -p no:cacheprovider -q -x \
-    tests/test_lossless.py tests/test_sampling.py tests/test_attention.py tests/test_linear.py \
-    tests/test_tree.py 2>&1 | tail -25 | tee "$out/tests_cuda.txt"
+    tests/speculative/test_lossless.py tests/speculative/test_sampling.py tests/runtime/test_attention.py \
+    tests/runtime/test_linear.py tests/speculative/test_tree.py 2>&1 | tail -25 | tee "$out/tests_cuda.txt"
 
 for dtype in float32 bfloat16; do
     suffix=$tag; [ "$dtype" = bfloat16 ] && suffix=${tag}_bf16
