@@ -192,16 +192,23 @@ def _tree_reference(query, key, value, visible, scale, dtype=torch.float32):
 
 @pytest.mark.parametrize(("kv_heads", "groups", "dim", "q", "masked"), [
     (2, 6, 64, 16, 16),  # the benchmark's shape: a 16-token tree
-    (2, 6, 64, 64, 64),  # 384 rows: eight blocks of 48
+    (2, 6, 64, 64, 64),  # 384 rows: eight blocks of 48 (AVX2: 24 of 16)
     (3, 3, 64, 7, 12),  # 21 rows (one partial vector), drafted levels before the tree
     (1, 1, 128, 1, 1),  # a single row
     (2, 7, 80, 5, 9),  # an odd group count, head dim 80
     (4, 2, 8, 33, 40),  # the smallest head dim
     (2, 12, 64, 3, 3),  # more query heads per KV head than the decode kernel blocks
-    (3, 3, 64, 31, 31),  # the reference target's 30-4-8 verify: 93 rows
-    (3, 3, 64, 3, 3),  # 9 rows; below, 27 and 14: AVX2's value pass in 6-row groups, each remainder
+    (3, 3, 64, 31, 31),  # the reference target's 30-4-8 verify: 93 rows (AVX2: 5 x 16 + 13)
+    # AVX2 blocks of 9-16 rows take the value pass in 6-row groups of 16 dims (then 8): 9, 27
+    # (16 + 11), 14 and 12 rows leave groups of 3, 5, 2 and none; head dims 40 and 24 with 9 and
+    # 13 rows, an 8-dim slice after 16-dim ones; 10 rows of 128 dims
+    (3, 3, 64, 3, 3),
     (1, 9, 64, 3, 3),
     (1, 1, 64, 14, 14),
+    (1, 3, 64, 4, 4),
+    (3, 3, 40, 3, 3),
+    (1, 1, 24, 13, 13),
+    (1, 2, 128, 5, 5),
 ])
 @pytest.mark.parametrize("length", [2048, 4099])
 def test_tree_kernel_equals_sdpa(tree_kernel, kv_heads, groups, dim, q, masked, length):

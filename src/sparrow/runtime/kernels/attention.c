@@ -492,7 +492,9 @@ static void chunk(const float *q, const float *k, const float *v, int64_t groups
 }
 /* AVX2 tree_attention: the AVX-512 kernel's scheme (rows along the lanes, keys and values never
  * transposed) in blocks that fit 16 registers: 16 query rows (2 vectors of 8) x 6 keys for the
- * scores (12 accumulators), 8 / RV dims x RV vectors of rows for the values. */
+ * scores (12 accumulators). Values: blocks of 9-16 rows turn to dims along the lanes (6 rows x
+ * 16 dims, `values_rows`); blocks of up to 8 rows keep rows along the lanes (8 dims x 1 vector
+ * of rows, `values_kernel`). */
 #define HAVE_TREE 1
 #define ROW_BLOCK 16
 
@@ -570,8 +572,9 @@ static void values_rows(int rb, int dv, const float *st, int64_t n, const float 
     }
 }
 
-/* One block of up to 16 query rows (RV vectors) of one KV head against keys [begin, begin + n):
- * their maxima, sums and unnormalized outputs into maxima[r], sums[r], acc[r * dim ...). */
+/* One block of up to 16 query rows (RV = 1 or 2 vectors of 8) of one KV head against keys
+ * [begin, begin + n): their maxima, sums and unnormalized outputs into maxima[r], sums[r],
+ * acc[r * dim ...). */
 static inline __attribute__((always_inline)) void tree_block(
     const int RV, const float *qt, int64_t stride, int64_t live, int64_t row0, int64_t queries,
     const float *k, int64_t k_row, const float *v, int64_t v_row, int64_t dim, int64_t begin,
