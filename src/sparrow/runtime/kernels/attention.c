@@ -516,25 +516,19 @@ static inline __attribute__((always_inline)) void scores_kernel(
         _Pragma("GCC unroll 2") for (int j = 0; j < RV; j++) _mm256_storeu_ps(st + kb * ROW_BLOCK + 8 * j, acc[kb][j]);
 }
 
-/* outputs (d0 + db, row) for 8 / RV dims: sum over the n keys of v[key][d] * p[key][row] */
+/* outputs (d0 + db, row) for 8 dims and up to 8 rows (one vector of rows): sum over the n keys
+ * of v[key][d] * p[key][row]. Blocks of more rows take `values_rows`. */
 static inline __attribute__((always_inline)) void values_kernel(
-    const int RV, const float *st, int64_t n, const float *v, int64_t v_row, float *ot) {
-    enum { DB = 8 };
-    __m256 acc[DB][2];
-    const int dims = DB / RV;
-    _Pragma("GCC unroll 8") for (int db = 0; db < dims; db++)
-        _Pragma("GCC unroll 2") for (int j = 0; j < RV; j++) acc[db][j] = _mm256_setzero_ps();
+    const float *st, int64_t n, const float *v, int64_t v_row, float *ot) {
+    __m256 acc[8];
+    _Pragma("GCC unroll 8") for (int db = 0; db < 8; db++) acc[db] = _mm256_setzero_ps();
     for (int64_t t = 0; t < n; t++) {
-        __m256 p[2];
-        _Pragma("GCC unroll 2") for (int j = 0; j < RV; j++) p[j] = _mm256_loadu_ps(st + t * ROW_BLOCK + 8 * j);
+        const __m256 p = _mm256_loadu_ps(st + t * ROW_BLOCK);
         const float *value = v + t * v_row;
-        _Pragma("GCC unroll 8") for (int db = 0; db < dims; db++) {
-            __m256 x = _mm256_broadcast_ss(value + db);
-            _Pragma("GCC unroll 2") for (int j = 0; j < RV; j++) acc[db][j] = _mm256_fmadd_ps(x, p[j], acc[db][j]);
-        }
+        _Pragma("GCC unroll 8") for (int db = 0; db < 8; db++)
+            acc[db] = _mm256_fmadd_ps(_mm256_broadcast_ss(value + db), p, acc[db]);
     }
-    _Pragma("GCC unroll 8") for (int db = 0; db < dims; db++)
-        _Pragma("GCC unroll 2") for (int j = 0; j < RV; j++) _mm256_storeu_ps(ot + db * ROW_BLOCK + 8 * j, acc[db][j]);
+    _Pragma("GCC unroll 8") for (int db = 0; db < 8; db++) _mm256_storeu_ps(ot + db * ROW_BLOCK, acc[db]);
 }
 
 /* out[r][d0 ..] for RB rows and DV vectors of dims: sum over the n keys of p[key][r] * v[key][d],
@@ -622,8 +616,8 @@ static inline __attribute__((always_inline)) void tree_block(
                 values_rows(live - r0 < 6 ? (int)(live - r0) : 6, dim - d0 >= 16 ? 2 : 1, st + r0, n,
                             v + begin * v_row + d0, v_row, acc + r0 * dim + d0, dim);
     } else {
-        for (int64_t d0 = 0; d0 < dim; d0 += 8 / RV)
-            values_kernel(RV, st, n, v + begin * v_row + d0, v_row, ot + d0 * ROW_BLOCK);
+        for (int64_t d0 = 0; d0 < dim; d0 += 8)
+            values_kernel(st, n, v + begin * v_row + d0, v_row, ot + d0 * ROW_BLOCK);
         for (int64_t r = 0; r < live; r++)
             for (int64_t d = 0; d < dim; d++) acc[r * dim + d] = ot[d * ROW_BLOCK + r];
     }
